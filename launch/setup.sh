@@ -15,7 +15,7 @@ On every worker of TPU_NAME (--worker=all):
                      and unpacks it; ~/REMOTE_DIR is replaced except its .venv.
      CODE_MODE=clone runs `git clone REPO_URL` (once) and checks out REPO_REF (branch, tag or commit).
   2. the environment: `pip install uv`, `uv venv --python PYTHON_VERSION .venv`, then
-     `uv pip install "jax[tpu]" -e .` with the pinned constraints CONSTRAINTS_FILE when the code has it
+     `uv pip install "jax[tpu]" -e ".[gcs]"` with the pinned constraints CONSTRAINTS_FILE when the code has it
      (default requirements/constraints-py312.txt), and an import check.
 
 Options:
@@ -88,9 +88,9 @@ if ((do_env)); then
   install="uv pip install --python .venv/bin/python"
   if [[ -n $CONSTRAINTS_FILE ]]; then
     cf=$(gdsd_quote "$CONSTRAINTS_FILE")
-    script+="; if [ -f $cf ]; then $install -c $cf 'jax[tpu]' -e .; else echo \"worker \$W: warning: \"$cf\" not found, installing without pinned constraints\" >&2; $install 'jax[tpu]' -e .; fi"
+    script+="; if [ -f $cf ]; then $install -c $cf 'jax[tpu]' -e '.[gcs]'; else echo \"worker \$W: warning: \"$cf\" not found, installing without pinned constraints\" >&2; $install 'jax[tpu]' -e '.[gcs]'; fi"
   else
-    script+="; $install 'jax[tpu]' -e ."
+    script+="; $install 'jax[tpu]' -e '.[gcs]'"
   fi
   # Import only (no device use): touching the TPU here would need every worker in step.
   script+="; .venv/bin/python -c 'import sys, jax, gdsd_jax; print(\"python\", sys.version.split()[0], \"jax\", jax.__version__)' | sed \"s/^/worker \$W: /\""

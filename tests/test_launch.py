@@ -486,7 +486,7 @@ def test_setup_copy_on_all_workers(launch: Launch, workers: list[Path], tmp_path
         assert _tool_calls(home, "uv") == [
             ["venv", "--python", "3.12", ".venv"],
             ["pip", "install", "--python", ".venv/bin/python", "-c", "requirements/constraints-py312.txt",
-             "jax[tpu]", "-e", "."],
+             "jax[tpu]", "-e", ".[gcs]"],
         ]
 
 
@@ -497,7 +497,7 @@ def test_setup_without_constraints_file_warns(launch: Launch, workers: list[Path
     res = _ok(launch.run("setup.sh"))
     assert "worker 0: warning: requirements/constraints-py312.txt not found" in res.stderr
     assert _tool_calls(workers[0], "uv")[-1] == ["pip", "install", "--python", ".venv/bin/python",
-                                                 "jax[tpu]", "-e", "."]
+                                                 "jax[tpu]", "-e", ".[gcs]"]
 
 
 def test_setup_clone_checks_out_the_ref(launch: Launch, workers: list[Path], tmp_path: Path) -> None:

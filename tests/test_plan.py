@@ -1,7 +1,7 @@
 """``gdsd-jax plan``: per-device memory of the RL step from ahead-of-time compilation on fake devices.
 
 The state terms are checked against closed forms written here from the parameter layout and the logical
-sharding rules (``embed`` -> fsdp, heads / mlp / vocab -> tensor, norms and the LoRA rank replicated),
+sharding rules (``embed`` -> fsdp, heads / mlp / vocab -> tensor, norms replicated; the LoRA rank over fsdp when divisible, else replicated),
 not against the code's own accounting.
 """
 

@@ -17,10 +17,15 @@ from one mesh (or from host NumPy arrays by the converter) restores straight ont
 Remote paths (``gs://...``) have no atomic directory rename: there the data are written in place (an
 existing checkpoint is deleted first when overwriting) and the ``gdsd_checkpoint.json`` mark still comes
 last, so an interrupted save is never mistaken for a complete one.
+
+This module also holds the storage-path helpers every run output goes through (:func:`storage_path`):
+local paths and ``gs://`` URLs become ``etils.epath.Path`` objects, and a ``gs://`` path whose filesystem
+packages are missing fails at once with the packages to install, instead of deep inside a save.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -79,13 +84,95 @@ def _nest(path: tuple[str, ...], value) -> dict:
     return out
 
 
-def _is_remote(path) -> bool:
-    return "://" in str(path)
+# ---- storage paths -------------------------------------------------------------------------------
+
+#: Remote URL schemes run outputs and checkpoints may use. ``gs://`` only: Orbax writes array data through
+#: TensorStore, whose only remote driver Orbax selects from a path is GCS (other schemes would be taken
+#: for relative local paths).
+REMOTE_SCHEMES: tuple[str, ...] = ("gs",)
+
+
+class StorageBackendError(RuntimeError):
+    """A remote path was given but the packages that read and write it are not installed."""
+
+
+def is_remote(path) -> bool:
+    """Whether ``path`` is a URL (``scheme://...``) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+_is_remote = is_remote
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):   # a missing parent package ("google" of "google.cloud.storage")
+        return False
+
+
+def _fsspec_protocol_available(protocol: str) -> bool:
+    """Whether fsspec can build a filesystem for ``protocol`` (its implementation package imports)."""
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(protocol)
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_storage_packages(scheme: str) -> list[str]:
+    """Packages (pip names) that a ``scheme://`` path needs and that are not importable here.
+
+    ``gs://``: ``etils.epath`` (Orbax's directory operations, our JSON/metrics files) reads and writes through
+    fsspec's GCS filesystem, i.e. ``gcsfs`` (or TensorFlow's ``tf.io.gfile`` when TensorFlow is installed);
+    Orbax deletes old checkpoints there with ``google-cloud-storage`` (it asks the bucket for hierarchical
+    namespaces). The array data go through TensorStore's built-in GCS driver, which needs nothing more.
+    """
+    if scheme != "gs":
+        raise ValueError(f"unsupported storage scheme {scheme!r}://; expected a local path or one of "
+                         f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    missing = []
+    if not (_fsspec_protocol_available("gcs") or _module_available("tensorflow")):
+        missing.append("gcsfs")
+    if not _module_available("google.cloud.storage"):
+        missing.append("google-cloud-storage")
+    return missing
+
+
+def check_storage(path) -> None:
+    """Raise a clear error when ``path`` is a URL of an unsupported scheme or its packages are missing."""
+    if not is_remote(path):
+        return
+    scheme = os.fspath(path).split("://", 1)[0]
+    if scheme not in REMOTE_SCHEMES:
+        raise ValueError(f"{path}: unsupported storage scheme {scheme!r}://; run outputs and checkpoints go to a "
+                         f"local path or to {', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    missing = missing_storage_packages(scheme)
+    if missing:
+        raise StorageBackendError(
+            f"{path}: writing to {scheme}:// needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'}"
+            f" not installed; install them with pip install \"gdsd-jax[gcs]\" (or pip install {' '.join(missing)})")
+
+
+def storage_path(path, *, absolute: bool = False) -> epath.Path:
+    """``etils.epath.Path`` of a local path or a ``gs://`` URL, checked with :func:`check_storage`.
+
+    Args:
+      path: a local path (str or path-like) or a ``gs://bucket/...`` URL.
+      absolute: make a local path absolute (Orbax and TensorStore require absolute local paths); URLs are
+        absolute already.
+    """
+    check_storage(path)
+    if is_remote(path):
+        return epath.Path(os.fspath(path))
+    return epath.Path(os.path.abspath(os.fspath(path))) if absolute else epath.Path(path)
 
 
 def _resolved(path) -> epath.Path:
     """Orbax wants absolute local paths; remote (``gs://``) paths pass through."""
-    return epath.Path(path) if _is_remote(path) else epath.Path(os.path.abspath(os.fspath(path)))
+    return storage_path(path, absolute=True)
 
 
 def _barrier(name: str) -> None:
@@ -97,7 +184,7 @@ def _barrier(name: str) -> None:
 
 def is_params_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a complete params checkpoint written by this module."""
-    p = epath.Path(path)
+    p = storage_path(path)
     meta = p / META_FILE
     if not meta.exists() or not (p / PARAMS_DIR).exists():
         return False
@@ -109,7 +196,7 @@ def is_params_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``gdsd_checkpoint.json`` of a checkpoint (clear errors when missing or corrupt)."""
-    p = epath.Path(path)
+    p = storage_path(path)
     meta_path = p / META_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{p}: not a gdsd-jax params checkpoint (no {META_FILE}; an interrupted "
@@ -131,7 +218,7 @@ def read_config(path: str | os.PathLike) -> DenoiserConfig:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict | None:
-    p = epath.Path(path) / HF_CONFIG_FILE
+    p = storage_path(path) / HF_CONFIG_FILE
     return json.loads(p.read_text()) if p.exists() else None
 
 
@@ -155,7 +242,7 @@ class ParamsWriter:
 
         self.cfg = cfg
         self.remote = _is_remote(path)
-        self.final = epath.Path(path) if self.remote else Path(path).absolute()
+        self.final = storage_path(path) if self.remote else Path(path).absolute()
         if self.final.exists() and not overwrite:
             raise FileExistsError(f"{self.final} already exists; choose another output or allow overwriting")
         self.tmp = self.final if self.remote else self.final.parent / f".{self.final.name}.partial"
@@ -174,6 +261,12 @@ class ParamsWriter:
         _barrier("gdsd_params_writer_init")
         self._ctx = _ocp().Context()
         self._ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+        if self.remote:
+            # Orbax's default on GCS (a commit file, no rename) does not support partial (leaf by leaf)
+            # saves; its rename-based protocol does.
+            from orbax.checkpoint.options import AtomicityMode
+
+            self._ctx.atomicity.mode = AtomicityMode.ATOMIC_RENAME
 
     @property
     def directory(self):

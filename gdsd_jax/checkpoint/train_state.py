@@ -11,23 +11,30 @@ One checkpoint step holds three items:
 
 Saves are asynchronous (``async_save``); :meth:`RunCheckpointer.wait` blocks until they are durable.
 Every process of a multi-host run calls save and restore (Orbax synchronises them).
+
+The directory is a local path or a ``gs://`` URL (``etils.epath``; see
+:func:`gdsd_jax.checkpoint.params_io.storage_path` for the packages a bucket needs). On GCS Orbax marks a
+finished step with a ``commit_success.txt`` file instead of renaming a temporary directory.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from gdsd_jax.checkpoint.params_io import storage_path
+
 
 class RunCheckpointer:
     """Keeps the last ``keep`` checkpoints (plus the best one by eval reward when ``keep_best``)."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, keep_best: bool = False, async_save: bool = True):
-        self.directory = Path(directory).absolute() if "://" not in str(directory) else directory
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_best: bool = False,
+                 async_save: bool = True):
+        self.directory = storage_path(directory, absolute=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,

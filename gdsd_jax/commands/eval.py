@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 HELP = "evaluate a checkpoint on a task's test set"
 
@@ -66,7 +65,9 @@ def run(args) -> int:
     examples = list(task.examples(args.split))[: args.max_examples]
     res = evaluate(model.params(), model.config, adapter, examples, scfg, mesh, batch_size=args.batch_size,
                    key=jax.random.key(args.seed), progress=True)
-    out = Path(args.output or Path(args.checkpoint) / "eval")
+    from gdsd_jax.checkpoint.params_io import storage_path
+
+    out = storage_path(args.output) if args.output else storage_path(args.checkpoint) / "eval"
     if jax.process_index() == 0:
         write_eval(res, out)
         print(json.dumps(res.summary(), indent=2))

@@ -10,7 +10,8 @@ With ``--target cpu`` (default) the step is compiled for N fake CPU devices. The
 before JAX starts, so when this process already runs JAX with fewer devices the command runs itself
 again in a child process with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``. With a TPU
 generation as target the programs are compiled by the TPU compiler for an abstract slice of that size
-(deviceless ahead-of-time compilation; needs the ``libtpu`` package, not a TPU). See
+(deviceless ahead-of-time compilation; needs the ``libtpu`` package, not a TPU: ``pip install
+"gdsd-jax[tpu]"``). See
 :mod:`gdsd_jax.rl.plan` for what each number means and ``docs/memory_plans.md`` for recorded plans.
 """
 
@@ -118,6 +119,12 @@ def run(args) -> int:
 
     if args.devices <= 0:
         raise SystemExit(f"plan: --devices must be positive, got {args.devices}")
+    from gdsd_jax.rl.plan import require_libtpu
+
+    try:
+        require_libtpu(args.target)        # before any work, and before a child process is started
+    except RuntimeError as e:
+        raise SystemExit(f"plan: {e}")
     if not _prepare_in_process(args.target, args.devices):
         return _run_child(args)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from gdsd_jax.commands._common import add_config_arguments, load_train_config
 
@@ -18,7 +17,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import jax
 
-    from gdsd_jax.checkpoint.params_io import save_params
+    from gdsd_jax.checkpoint.params_io import save_params, storage_path
     from gdsd_jax.config_io import ConfigError
     from gdsd_jax.rl.run import run_sft
 
@@ -26,7 +25,7 @@ def run(args) -> int:
         cfg = load_train_config(args).validate()
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
-    out = Path(cfg.output_dir)
+    out = storage_path(cfg.output_dir)
     model_cfg, params, history = run_sft(cfg, output_dir=str(out), progress=not args.no_progress)
     save_params(out / "params", params, model_cfg)
     if jax.process_index() == 0:

@@ -20,7 +20,7 @@ head_dim   -                   per-head features
 mlp        tensor              SwiGLU intermediate
 vocab      tensor              embedding rows, LM-head columns
 layers     -                   stacked layer axis of scanned parameters
-lora       -                   LoRA rank
+lora       fsdp                LoRA rank (takes fsdp where no embed dim did)
 =========  ==================  =========================================
 
 A mesh axis is dropped from a spec when it does not divide the array dimension (e.g. Dream's 4 KV heads
@@ -50,7 +50,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "layers": (),
-    "lora": (),
+    # Mesh axes are assigned left to right and each at most once per array, so the rank axis gets fsdp
+    # only in the LoRA factor whose other dims leave it unused (B of q/k/v/gate/up, A of o/down, B of o/down
+    # whose rank dim comes before the embed dim): every factor is then split over fsdp (rl/lora.py).
+    "lora": ("fsdp",),
 }
 
 

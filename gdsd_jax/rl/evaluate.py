@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from gdsd_jax.checkpoint.params_io import storage_path
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
 from gdsd_jax.models.config import DenoiserConfig
@@ -24,7 +25,7 @@ from gdsd_jax.models.config import DenoiserConfig
 @dataclasses.dataclass
 class EvalResult:
     mean_reward: float
-    accuracy: float                 # fraction of examples with the maximal reward of the set (solved)
+    accuracy: float                 # fraction solved: reward >= max(1, best reward of the set), or >= max_reward
     rewards: np.ndarray             # [N]
     records: list[dict]             # per example: prompt ids, completion ids/text, reward
 
@@ -77,13 +78,18 @@ def evaluate(params, model_cfg: DenoiserConfig, adapter, examples: Sequence[dict
                             "reward": float(scores.rewards[i])})
         rewards.append(scores.rewards)
     r = np.concatenate(rewards)
-    top = max_reward if max_reward is not None else (float(r.max()) if len(r) else 0.0)
-    acc = float(np.mean(r >= top - 1e-6)) if top > 0 else 0.0
+    # "Solved" = the full reward. Rewards are normalised so that a correct answer scores at least 1 (Sudoku,
+    # Countdown: exactly 1; GSM8K/MATH official sums: correctness 2 plus format terms), so without an explicit
+    # ``max_reward`` the bar is the best reward of the set but never below 1: a set of merely well-formed
+    # answers (Countdown's 0.1) counts as unsolved.
+    top = max_reward if max_reward is not None else max(float(r.max()) if len(r) else 0.0, 1.0)
+    acc = float(np.mean(r >= top - 1e-6))
     return EvalResult(float(r.mean()), acc, r, records)
 
 
-def write_eval(result: EvalResult, out_dir: str | Path, name: str = "eval") -> None:
-    out = Path(out_dir)
+def write_eval(result: EvalResult, out_dir: str | os.PathLike, name: str = "eval") -> None:
+    """``<out_dir>/<name>.jsonl`` (one record per example) and ``<name>_summary.json``; local or ``gs://``."""
+    out = storage_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / f"{name}.jsonl").open("w") as f:
         for rec in result.records:

@@ -10,6 +10,7 @@ base model at step 0. The reference model of RL is the base weights with the ada
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -43,14 +44,35 @@ def lora_shapes(cfg: DenoiserConfig, rank: int, targets: Sequence[str]) -> dict:
     return out
 
 
+def _uses(sharding, axis: str) -> bool:
+    return any(e == axis or (isinstance(e, tuple) and axis in e) for e in sharding.spec)
+
+
 def lora_shardings(cfg: DenoiserConfig, rank: int, targets: Sequence[str], mesh: Mesh) -> dict:
+    """``{target: {"a": NamedSharding, "b": NamedSharding}}`` of the adapters on ``mesh``.
+
+    The kernel's dims keep their logical axes (``embed`` -> fsdp, heads / mlp -> tensor) and the rank axis
+    maps to ``fsdp`` (``distributed/mesh.py``); since a mesh axis is used once per array, the rank takes
+    fsdp exactly in the factors that have no embed dim before it. With ``rank % fsdp == 0`` every ``A``
+    and ``B`` is thus split over fsdp: per device the adapters and their AdamW moments shrink ~fsdp
+    times, instead of half of each pair being replicated. When fsdp does not divide the rank those
+    factors stay replicated over fsdp, with a warning saying so.
+    """
     axes = param_logical_axes(cfg)["layers"]
     out = {}
+    replicated = []
     for t, s in lora_shapes(cfg, rank, targets).items():
         k = _IN_NDIM[t]
         a_axes = (axes[t][0], *axes[t][1:1 + k], "lora")
         b_axes = (axes[t][0], "lora", *axes[t][1 + k:])
         out[t] = {"a": named_sharding(mesh, a_axes, s["a"]), "b": named_sharding(mesh, b_axes, s["b"])}
+        replicated += [f"{f.upper()} of {t}" for f in ("a", "b") if not _uses(out[t][f], "fsdp")]
+    fsdp = mesh.shape.get("fsdp", 1)
+    if fsdp > 1 and replicated:
+        reason = (f"lora.rank={rank} is not divisible by fsdp={fsdp}" if rank % fsdp else
+                  "no dim of theirs is divisible by fsdp")
+        warnings.warn(f"LoRA: {', '.join(replicated)} replicated over the fsdp axis ({reason}); choose a rank "
+                      f"divisible by {fsdp} to split them", stacklevel=2)
     return out
 
 

@@ -2,16 +2,29 @@
 
 Only process 0 writes. On resume the JSONL is truncated to the restored step so that steps replayed
 after a crash are not recorded twice.
+
+The run directory may be local or a ``gs://`` URL (``etils.epath``). Object stores cannot append to an
+object, so for a remote directory the logger keeps the file's lines and rewrites the whole object after
+every record (a few hundred kB for a long run, small next to one RL step of a real model); locally it
+appends. TensorBoard event files of a remote run are written to a local temporary directory (the log
+line at start names it) and copied to ``<run>/tensorboard/`` every ``tb_sync_seconds`` and when the
+logger closes; see docs/training.md.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
+import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
+from tqdm.auto import tqdm
+
+from gdsd_jax.checkpoint.params_io import is_remote, storage_path
 
 
 def _clean(v: Any) -> Any:
@@ -23,11 +36,28 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, filename: str = "metrics.jsonl",
-                 resume_step: int | None = None):
+    """``metrics.jsonl`` (+ TensorBoard) of a run directory; a no-op on processes other than 0.
+
+    Args:
+      output_dir: run directory, local or ``gs://``.
+      tensorboard: also write TensorBoard scalars under ``<output_dir>/tensorboard``.
+      filename: name of the JSONL file.
+      resume_step: keep only the records up to this step of an existing file (None: start a new file).
+      tb_sync_seconds: remote runs only: copy the local event files to the run directory at most this often
+        (and always on :meth:`close`).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = True, filename: str = "metrics.jsonl",
+                 resume_step: int | None = None, tb_sync_seconds: float = 600.0):
         self.enabled = jax.process_index() == 0
-        self.path = Path(output_dir) / filename
+        self.remote = is_remote(output_dir)
+        self.dir = storage_path(output_dir)
+        self.path = self.dir / filename
         self._tb = None
+        self._tb_local: str | None = None       # remote runs: local directory the events are written to
+        self._tb_sync_seconds = tb_sync_seconds
+        self._tb_synced = time.monotonic()
+        self._lines: list[str] = []
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,31 +65,68 @@ class MetricsLogger:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
+            self._lines = [line + "\n" for line in kept]
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+            if self.remote:
+                # tensorboardX writes remote event files through google-cloud-storage (gs://) or boto3 (s3://)
+                # only, with a client of its own; a local file copied with epath works for any scheme epath
+                # reads and needs no further package.
+                self._tb_local = tempfile.mkdtemp(prefix="gdsd-tensorboard-")
+                tqdm.write(f"tensorboard: event files go to the local directory {self._tb_local} and are copied "
+                           f"to {self.dir / 'tensorboard'} every {tb_sync_seconds:.0f} s and at the end of the run",
+                           file=sys.stdout)
+                self._tb = SummaryWriter(self._tb_local)
+            else:
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+            if self._tb_local is not None and time.monotonic() - self._tb_synced >= self._tb_sync_seconds:
+                self._sync_tensorboard()
+
+    def _sync_tensorboard(self) -> None:
+        """Copy the local event files of a remote run to ``<run>/tensorboard/`` (whole files: they are small)."""
+        self._tb.flush()
+        dest = self.dir / "tensorboard"
+        dest.mkdir(parents=True, exist_ok=True)
+        for root, _, files in os.walk(self._tb_local):
+            for name in files:
+                src = os.path.join(root, name)
+                target = dest / os.path.relpath(src, self._tb_local)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(src, "rb") as f:
+                    target.write_bytes(f.read())
+        self._tb_synced = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
+            if self._tb_local is not None:
+                self._sync_tensorboard()
             self._tb.close()
+            self._tb = None
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    p = Path(path)
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file, or of the one in a run directory (local or ``gs://``)."""
+    p = storage_path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.exists():

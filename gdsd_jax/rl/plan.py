@@ -88,6 +88,22 @@ _TPU_TOPOLOGY = {
 }
 
 
+def require_libtpu(target: str) -> None:
+    """Raise a clear error when ``target`` is a TPU generation and the TPU compiler (libtpu) is not installed."""
+    import importlib.util
+
+    if target == "cpu":
+        return
+    try:
+        found = importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise RuntimeError(f"--target {target} compiles with the TPU compiler, which comes with the libtpu package "
+                           f"(no TPU needed): install it with pip install \"gdsd-jax[tpu]\" (jax[tpu], the libtpu "
+                           f"matching this jax), or use --target cpu")
+
+
 def tpu_devices(generation: str, num_devices: int) -> list:
     """Abstract devices of a TPU slice with ``num_devices`` chips, for deviceless ahead-of-time compilation
     (``jax.experimental.topologies``; the TPU compiler comes from the ``libtpu`` package, no TPU is needed)."""
@@ -102,11 +118,7 @@ def tpu_devices(generation: str, num_devices: int) -> list:
         raise ValueError(f"{generation} with {num_devices} chips: supported slice sizes are {sorted(shapes)}")
     # No metadata server here: libtpu must not look for one.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        raise RuntimeError(f"--target {generation} compiles with the TPU compiler: install the libtpu package "
-                           "matching this jax (pip install 'jax[tpu]'), or use --target cpu") from None
+    require_libtpu(generation)
     topo = get_topology_desc(platform="tpu", topology_name=f"{prefix}:{shapes[num_devices]}",
                              chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1), num_slices=1)
     devs = list(topo.devices)

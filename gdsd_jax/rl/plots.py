@@ -1,11 +1,16 @@
-"""Curves of a run from its ``metrics.jsonl``: rollout reward, greedy test reward, KL/clip, time split."""
+"""Curves of a run from its ``metrics.jsonl``: rollout reward, greedy test reward, KL/clip, time split.
+
+Run and output directories may be local or ``gs://`` (figures are rendered into an open file object).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import numpy as np
+from etils import epath
 
+from gdsd_jax.checkpoint.params_io import storage_path
 from gdsd_jax.rl.metrics import read_metrics
 
 
@@ -25,15 +30,21 @@ def _smooth(v: np.ndarray, w: int = 10) -> np.ndarray:
     return np.concatenate([v[: w - 1], out])
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+def _save(fig, path: epath.Path) -> None:
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[epath.Path]:
+    """Write ``reward.png`` and ``diagnostics.png`` to ``out_dir`` (default ``<run_dir>/plots``); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
+    run_dir = storage_path(run_dir)
     records = read_metrics(run_dir)
-    out = Path(out_dir) if out_dir else run_dir / "plots"
+    out = storage_path(out_dir) if out_dir else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -51,7 +62,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax.legend()
     fig.tight_layout()
     written.append(out / "reward.png")
-    fig.savefig(written[-1], dpi=120)
+    _save(fig, written[-1])
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -69,6 +80,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     axes[1].set_ylabel("seconds per step (mean)")
     fig.tight_layout()
     written.append(out / "diagnostics.png")
-    fig.savefig(written[-1], dpi=120)
+    _save(fig, written[-1])
     plt.close(fig)
     return written

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from tqdm.auto import tqdm
 
+from gdsd_jax.checkpoint.params_io import storage_path
 from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.config_io import ConfigError, to_dict
 from gdsd_jax.distributed import multihost
@@ -194,7 +196,7 @@ class TrainResult:
     before: EvalResult | None
     after: EvalResult | None
     steps: int
-    output_dir: Path
+    output_dir: epath.Path
 
 
 class _Preemption:
@@ -225,7 +227,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     cfg.validate()
     multihost.initialize(cfg.distributed.coordinator_address, cfg.distributed.num_processes,
                          cfg.distributed.process_id)
-    out = Path(cfg.output_dir)
+    out = storage_path(cfg.output_dir)     # local or gs://; a bucket without its packages fails here
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
     mesh = build_mesh(cfg)
@@ -322,7 +324,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     logger.close()
     if after is not None:
         b = meta["before"]
-        _print_summary(b, after.mean_reward, out)
+        _print_summary(b, after.mean_reward, out, cfg.objective.name)
     return TrainResult(before, after, int(state["step"]), out)
 
 
@@ -344,10 +346,10 @@ def _check_resume_config(saved: dict, current: dict, prefix: str = "") -> None:
             raise ConfigError(f"--resume: config mismatch in {key}{detail}: checkpoint has {a!r}, now {b!r}")
 
 
-def _print_summary(before: float, after: float, out: Path) -> None:
+def _print_summary(before: float, after: float, out: epath.Path, method: str = "GDSD") -> None:
     if jax.process_index() != 0:
         return
     lines = ["", "| greedy test reward | value |", "|---|---|", f"| before (warm start) | {before:.3f} |",
-             f"| after GDSD | {after:.3f} |", f"| change | {after - before:+.3f} |", "",
+             f"| after {method} | {after:.3f} |", f"| change | {after - before:+.3f} |", "",
              f"run directory: {out}", f"test_reward: {before:.3f} -> {after:.3f}"]
     print("\n".join(lines), flush=True)
