@@ -36,6 +36,21 @@ class EvalResult:
 _GEN_CACHE: dict = {}
 
 
+def solved_fraction(rewards: np.ndarray, max_reward: float | None = None) -> float:
+    """Fraction of rewards [N] that reach the full reward.
+
+    Rewards are normalised so that a correct answer scores at least 1 (Sudoku, Countdown: exactly 1;
+    the GSM8K/MATH official sums: correctness 2 plus format terms). Without an explicit ``max_reward`` the
+    bar is therefore the best reward of the set but never below 1: a set of merely well-formed answers
+    (Countdown's 0.1) counts as unsolved.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.size == 0:
+        return 0.0
+    top = max_reward if max_reward is not None else max(float(r.max()), 1.0)
+    return float(np.mean(r >= top - 1e-6))
+
+
 def _generate_fn(mesh):
     from gdsd_jax.sampling import generate
 
@@ -78,12 +93,7 @@ def evaluate(params, model_cfg: DenoiserConfig, adapter, examples: Sequence[dict
                             "reward": float(scores.rewards[i])})
         rewards.append(scores.rewards)
     r = np.concatenate(rewards)
-    # "Solved" = the full reward. Rewards are normalised so that a correct answer scores at least 1 (Sudoku,
-    # Countdown: exactly 1; GSM8K/MATH official sums: correctness 2 plus format terms), so without an explicit
-    # ``max_reward`` the bar is the best reward of the set but never below 1: a set of merely well-formed
-    # answers (Countdown's 0.1) counts as unsolved.
-    top = max_reward if max_reward is not None else max(float(r.max()) if len(r) else 0.0, 1.0)
-    acc = float(np.mean(r >= top - 1e-6))
+    acc = solved_fraction(r, max_reward)
     return EvalResult(float(r.mean()), acc, r, records)
 
 
