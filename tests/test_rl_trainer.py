@@ -191,6 +191,36 @@ def test_optimizer_state_is_sharded_like_the_parameters(tmp_path):
     assert jax.tree.leaves(mu)[0].addressable_shards[0].data.size < jax.tree.leaves(mu)[0].size or q.size < 8
 
 
+@pytest.mark.parametrize("weights", ["bfloat16", "float32"])
+def test_param_dtype_sets_the_trained_weights_and_moments_stay_fp32(tmp_path, weights):
+    """optim.param_dtype: bf16 weights with fp32 AdamW moments, or fp32 master weights; one update moves
+    the weights by what an fp32 AdamW step from the same gradient gives (to the weights' precision)."""
+    _, trainer, _ = _trainer(tmp_path, f"optim.param_dtype={weights}")
+    state, frozen = trainer.init_state()
+    adam = state["opt_state"][1][0]
+    assert {x.dtype for x in jax.tree.leaves(state["trainable"])} == {jnp.dtype(weights)}
+    assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.float32)}
+    before = jax.tree.map(lambda x: np.asarray(x, np.float32), state["trainable"])
+    examples = list(trainer.task.examples("train"))[:4]
+    new_state, _ = trainer.rl_step(state, frozen, examples)
+    adam = new_state["opt_state"][1][0]
+    assert {x.dtype for x in jax.tree.leaves(new_state["trainable"])} == {jnp.dtype(weights)}
+    assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.float32)}
+    # First AdamW step, from its fp32 moments: w1 = w0 - lr * (m/(1-b1) / (sqrt(v/(1-b2)) + eps) + wd * w0),
+    # computed in float64 here and rounded once to the weights' dtype by the trainer.
+    o = trainer.cfg.optim
+    for w0, w1, m, v in zip(jax.tree.leaves(before), jax.tree.leaves(new_state["trainable"]),
+                            jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)):
+        w0 = w0.astype(np.float64)
+        m_hat = np.asarray(m, np.float64) / (1 - o.b1)
+        v_hat = np.asarray(v, np.float64) / (1 - o.b2)
+        expected = w0 - o.lr * (m_hat / (np.sqrt(v_hat) + 1e-8) + o.weight_decay * w0)
+        ulp = np.abs(expected) * (2.0 ** -8 if weights == "bfloat16" else 2.0 ** -23)
+        np.testing.assert_array_less(np.abs(np.asarray(w1, np.float64) - expected), ulp + 1e-9)
+    assert any(np.any(np.asarray(a, np.float32) != b) for a, b in zip(jax.tree.leaves(new_state["trainable"]),
+                                                                      jax.tree.leaves(before)))
+
+
 def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     from gdsd_jax.rl import run as run_mod
     from gdsd_jax.rl.task_adapter import CompactAdapter

@@ -58,7 +58,10 @@ class OptimSection:
     b2: float = 0.99
     weight_decay: float = 0.01
     max_grad_norm: float = 0.2
-    param_dtype: Literal["float32", "bfloat16"] = "float32"   # optimizer state is always fp32
+    # Dtype of the trained weights in full fine-tuning: None keeps the checkpoint's (convert keeps bf16 for the
+    # upstream models); "float32" holds fp32 master weights (compute stays in the model's compute dtype).
+    # AdamW's moments are fp32 whatever this is. LoRA adapters are always fp32.
+    param_dtype: Literal["float32", "bfloat16"] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

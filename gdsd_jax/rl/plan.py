@@ -12,7 +12,7 @@ What is reported (all per device):
 
 * ``params``: the model weights (full fine-tuning: the trainable tree; LoRA: the frozen base).
 * ``adapters``: the LoRA ``A``/``B`` tree (0 for full fine-tuning).
-* ``optimizer``: the AdamW state (``mu`` in fp32, ``nu`` in the trainable dtype, counters).
+* ``optimizer``: the AdamW state (``mu`` and ``nu`` in fp32 whatever the weights' dtype, counters).
 * ``reference``: a second copy of the weights held as the KL reference (full fine-tuning with
   ``objective.beta != 0``; LoRA needs none: the reference is the base with the adapters off).
 * ``buffer``: the rollout buffer kept on device during one RL step: the batch, and for each of the

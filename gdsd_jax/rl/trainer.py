@@ -60,6 +60,16 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     )
 
 
+def _fp32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _opt_init(tx: optax.GradientTransformation, trainable):
+    """Optimizer state with fp32 moments whatever the trained weights' dtype (bf16 weights keep fp32 Adam
+    statistics; ``optax.apply_updates`` casts each update back to its weight's dtype)."""
+    return tx.init(_fp32(trainable))
+
+
 def learning_rate(optim, step: int, total_steps: int) -> float:
     if optim.schedule == "constant":
         return optim.lr
@@ -136,18 +146,23 @@ class RLTrainer:
             frozen = self._base_params
         else:
             trainable = self._base_params
+            if cfg.optim.param_dtype is not None:
+                dt = jnp.dtype(cfg.optim.param_dtype)
+                trainable = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                         trainable)
             # The reference copy exists only if a loss term needs it (no second copy otherwise).
             frozen = jax.tree.map(jnp.copy, self._base_params) if self.needs_ref else None
         rep = NamedSharding(self.mesh, P())
         # AdamW moments are laid out like the leaves they track (FSDP-sharded), counters replicated; a plain
         # jit(tx.init) would put the whole optimizer state on one device.
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trainable)):
-            opt_state = self.tx.init(trainable)   # traced (e.g. under jax.eval_shape): no layout to follow
+            opt_state = _opt_init(self.tx, trainable)   # traced (e.g. under jax.eval_shape): no layout to follow
         else:
+            init = functools.partial(_opt_init, self.tx)
             opt_shardings = optax.tree_map_params(self.tx, lambda _, p: p.sharding,
-                                                  jax.eval_shape(self.tx.init, trainable), trainable,
+                                                  jax.eval_shape(init, trainable), trainable,
                                                   transform_non_params=lambda _: rep)
-            opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
+            opt_state = jax.jit(init, out_shardings=opt_shardings)(trainable)
         state = {"trainable": trainable, "opt_state": opt_state,
                  "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
                  "key": jax.device_put(jax.random.key_data(key), rep)}
@@ -216,10 +231,10 @@ class RLTrainer:
             (gsum, nsum, dsum), metrics = jax.lax.scan(
                 micro, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
                 (mb, masks, old, ref, adv_mb))
-            grads = jax.tree.map(lambda g: g / dsum, gsum)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32) / dsum, gsum)
             loss = nsum / dsum
             gnorm = optax.tree.norm(grads)
-            updates, new_opt = tx.update(grads, state["opt_state"], trainable)
+            updates, new_opt = tx.update(grads, state["opt_state"], _fp32(trainable))
             new_trainable = optax.apply_updates(trainable, updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
             keep = lambda new, old_: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old_)  # noqa: E731
