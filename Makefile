@@ -45,5 +45,12 @@ test312: setup312
 smoke: setup
 	$(VENV)/bin/gdsd-jax smoke
 
+## GDSD vs the baselines on tiny Sudoku and Countdown (docs/results.md): lr selection, 3 seeds, clip study.
+## Runs under runs/experiments/tiny_baselines; results.md and the PNGs into docs/results/.
+## Resumes after an interruption; RESULTS_ARGS="--jobs 2" or "--dry-run" (planned runs + runtime estimate).
+RESULTS_ARGS ?=
+results: setup
+	$(VENV)/bin/gdsd-jax experiment configs/experiments/tiny_baselines.yaml --results-dir docs/results $(RESULTS_ARGS)
+
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache

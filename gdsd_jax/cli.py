@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "convert": "Hugging Face safetensors -> gdsd-jax (Orbax) checkpoint",
     "export": "gdsd-jax checkpoint -> Hugging Face safetensors + config.json",
     "plot": "PNG curves of a run directory",
+    "experiment": "multi-run experiment: lr selection, seeds, studies, aggregated results and curves",
     "plan": "per-device memory plan of a recipe on an abstract mesh",
     "smoke": "tiny end-to-end check: build a tiny HF checkpoint, convert it, print logits",
 }

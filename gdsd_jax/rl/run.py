@@ -324,7 +324,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     logger.close()
     if after is not None:
         b = meta["before"]
-        _print_summary(b, after.mean_reward, out, cfg.objective.name)
+        _print_summary(b, after.mean_reward, out, cfg.objective_config().name)
     return TrainResult(before, after, int(state["step"]), out)
 
 
