@@ -1,0 +1,321 @@
+"""One GDSD RL step of a mid-size LLaDA-family model on the CPU: time split, tokens/s and model FLOPs utilisation.
+
+Everything is measured in one process, back to back, so that the ratios are fair on a shared machine:
+
+(a) the matmul peak: best of several large fp32 ``jnp.dot`` (2048^3, 4096^3) in GFLOP/s;
+(b) one full RL step (:meth:`gdsd_jax.rl.trainer.RLTrainer.rl_step`) after a warm-up step: generation,
+    reward, old/reference scoring, update; tokens/s as the trainer reports it (rows x (Lp + Lg) / step time);
+(c) the update step alone (the trainer's jitted ``_update``) repeated ``--update-repeats`` times: its model
+    FLOPs (closed form, :func:`update_flops`) / time / peak = MFU;
+(d) ratios: the jitted rollout sampler against the plain per-step loop of the tests (the baseline of
+    ``benchmarks/sampling_throughput.py``), and the scoring pass (the trainer's ``_statistics``) with the
+    chunked LM head against the unchunked full-logits log-likelihood (``vocab_chunk=None, seq_chunk=None``);
+(e) ``--profile DIR``: a JAX profile of the update step, with the top ops by time aggregated from its
+    Perfetto trace.
+
+Model (default): 8 layers, width 512, 8 heads x 64 (MHA), SwiGLU MLP 1536, vocabulary 32000, fp32 parameters
+and compute (60.1M parameters). Task: synthetic, 1 prompt of 64 random ids x G = 8 completions of 256 tokens
+(rollout: LLaDA low-confidence remasking, 64 steps, blocks of 32, temperature 1); reward = fraction of
+completion tokens with an even id (cheap, deterministic). Objective: GDSD (official settings: beta = 1e-3 so a
+reference pass runs, mu = 1, one mask draw), full fine-tuning with AdamW, one micro-batch of 8 rows.
+
+Usage::
+
+    python benchmarks/rl_step.py                          # everything, default sizes
+    python benchmarks/rl_step.py --profile /tmp/prof      # also profile the update step
+    python benchmarks/rl_step.py --skip-loop --update-repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+# The per-step loop baseline lives with the sampling benchmark (which puts tests/ on the path).
+import sampling_throughput  # noqa: E402
+from gdsd_jax.distributed.mesh import make_mesh  # noqa: E402
+from gdsd_jax.models.config import DenoiserConfig, tiny_llada  # noqa: E402
+from gdsd_jax.models.denoiser import init_params  # noqa: E402
+from gdsd_jax.objectives.types import RolloutBatch  # noqa: E402
+from gdsd_jax.rl.config import LoraSection, OptimSection, RLSection, TaskSection, TrainConfig  # noqa: E402
+from gdsd_jax.rl.task_adapter import Scores  # noqa: E402
+from gdsd_jax.rl.trainer import RLTrainer  # noqa: E402
+from gdsd_jax.sampling import generate_jit  # noqa: E402
+
+
+# ---- model, task, trainer -----------------------------------------------------------------------
+
+def model_config(args) -> DenoiserConfig:
+    """LLaDA-family model of the requested size, fp32 parameters and compute."""
+    v = args.vocab
+    return tiny_llada(vocab_size=v, hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
+                      num_kv_heads=args.heads, head_dim=args.width // args.heads, mlp_dim=args.mlp,
+                      mask_token_id=v - 1, eos_token_id=v - 2, pad_token_id=v - 2, max_seq_len=4096,
+                      remat=args.remat, scan_layers=not args.unroll)
+
+
+class SyntheticAdapter:
+    """Prompts are the examples' ``"ids"`` (no padding); reward = fraction of even completion ids."""
+
+    def encode(self, examples):
+        ids = np.stack([np.asarray(ex["ids"], np.int32) for ex in examples])
+        return ids, np.ones_like(ids)
+
+    def score(self, completion_ids, completion_mask, examples) -> Scores:
+        r = np.mean(np.asarray(completion_ids) % 2 == 0, axis=1).astype(np.float32)
+        return Scores(r, {"even": r.copy()}, 0)
+
+
+def train_config(args, **objective) -> TrainConfig:
+    rows = args.prompts * args.group
+    return TrainConfig(
+        task=TaskSection(name="synthetic", prompt_length=args.prompt_len),
+        sampling=dict(gen_length=args.gen_len, steps=args.steps, block_length=args.block, temperature=1.0,
+                      remasking="low_confidence"),
+        objective=dict(name="gdsd", **objective),
+        rl=RLSection(prompts_per_step=args.prompts, num_generations=args.group, num_iterations=1,
+                     micro_batch_size=rows, total_steps=100),
+        optim=OptimSection(lr=1e-5), lora=LoraSection(enabled=False), tensorboard=False,
+    ).validate()
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------
+
+def forward_flops(cfg: DenoiserConfig, rows: int, seq_len: int, head_positions: int) -> float:
+    """Model FLOPs of one forward pass: 2 x (non-embedding matmul params) x tokens + attention
+    4 x L^2 x (H Dh) per row and layer (QK^T and PV) + LM head 2 x D x V x head_positions."""
+    d, h, kv, dh, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    per_layer = d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f
+    dense = 2.0 * cfg.num_layers * per_layer * rows * seq_len
+    attn = 4.0 * seq_len ** 2 * h * dh * cfg.num_layers * rows
+    head = 2.0 * d * cfg.vocab_size * head_positions
+    return dense + attn + head
+
+
+def update_flops(cfg: DenoiserConfig, rows: int, lp: int, lg: int) -> float:
+    """GDSD update: the masked and the complement pass (2 x rows sequences of Lp + Lg tokens), LM head on
+    rows x Lg positions (each position scored in the pass where it is masked); forward + backward = 3 x forward.
+    Recomputation (the chunked head's backward recomputes its logits) is not counted: these are model FLOPs."""
+    return 3.0 * forward_flops(cfg, 2 * rows, lp + lg, rows * lg)
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+def matmul_peak(sizes=(2048, 4096), repeats: int = 3) -> float:
+    """Best fp32 ``jnp.dot`` GFLOP/s over the sizes."""
+    best = 0.0
+    f = jax.jit(jnp.dot)
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        f(a, b).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times), times
+
+
+_WRAPPERS = ("PjitFunction", "while", "conditional", "call")
+
+
+def top_ops(trace_dir: str, n: int = 15) -> list[tuple[str, float, int]]:
+    """(name, total ms, count) of the ``n`` most expensive ops in the newest Perfetto trace under trace_dir."""
+    files = sorted(glob.glob(trace_dir + "/**/*.json.gz", recursive=True), key=os.path.getmtime)
+    ev = json.load(gzip.open(files[-1]))
+    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+    tot, cnt = collections.Counter(), collections.Counter()
+    for e in ev:
+        name = e.get("name", "")
+        # Leaf XLA ops only: host-side wrappers and control-flow ops (while) span the ops they contain.
+        if (e.get("ph") == "X" and "Thunk" not in name and "$" not in name and not name.startswith(_WRAPPERS)
+                and "Execute" not in name):
+            tot[name] += e.get("dur", 0)
+            cnt[name] += 1
+    return [(k, v / 1e3, cnt[k]) for k, v in tot.most_common(n)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--mlp", type=int, default=1536)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--gen-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=64, help="rollout denoising steps")
+    ap.add_argument("--block", type=int, default=32, help="rollout block length")
+    ap.add_argument("--prompts", type=int, default=1)
+    ap.add_argument("--group", type=int, default=8, help="G completions per prompt")
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--unroll", action="store_true", help="unrolled layers instead of lax.scan")
+    ap.add_argument("--update-repeats", type=int, default=3)
+    ap.add_argument("--score-repeats", type=int, default=2)
+    ap.add_argument("--loop-batch", type=int, default=None,
+                    help="rows of the sampler-vs-loop comparison (default: the RL step's rows)")
+    ap.add_argument("--skip-loop", action="store_true", help="skip the sampler-vs-loop comparison")
+    ap.add_argument("--skip-step", action="store_true", help="skip the full RL step (update and scoring only)")
+    ap.add_argument("--profile", default=None, help="write a JAX profile of the update step to this directory")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    res: dict = {}
+    print(f"# jax {jax.__version__}, Python {platform.python_version()}, {jax.devices()[0].platform}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start", flush=True)
+    res["load_start"] = os.getloadavg()
+
+    cfg = model_config(args)
+    rows = args.prompts * args.group
+    lp, lg = args.prompt_len, args.gen_len
+    print(f"# model: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads}x{cfg.head_dim} heads, "
+          f"MLP {cfg.mlp_dim}, vocab {cfg.vocab_size}, {cfg.num_params() / 1e6:.1f}M params, fp32, "
+          f"remat={cfg.remat}, scan_layers={cfg.scan_layers}; rows {rows} = {args.prompts} x G {args.group}, "
+          f"Lp {lp} + Lg {lg}", flush=True)
+
+    # (a) peak
+    peak = matmul_peak()
+    res["peak_gflops"] = peak
+    print(f"matmul peak (fp32 jnp.dot, best of 2048^3/4096^3): {peak:.1f} GFLOP/s", flush=True)
+
+    # trainer
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1)
+    params = init_params(cfg, jax.random.key(0), mesh)
+    tcfg = train_config(args)
+    trainer = RLTrainer(tcfg, cfg, params, mesh, SyntheticAdapter(), task=None)
+    state, frozen = trainer.init_state()
+    rng = np.random.default_rng(0)
+    examples = [{"ids": rng.integers(0, cfg.vocab_size - 2, size=lp)} for _ in range(args.prompts)]
+
+    # (b) one RL step after a warm-up step
+    if not args.skip_step:
+        t0 = time.perf_counter()
+        state, _ = trainer.rl_step(state, frozen, examples)
+        print(f"warm-up RL step (includes compilation): {time.perf_counter() - t0:.1f} s", flush=True)
+        state, m = trainer.rl_step(state, frozen, examples)
+        split = {k: m[f"time_{k}"] for k in ("generation", "reward", "scoring", "update")}
+        total = sum(split.values())
+        res["step"] = dict(split, total=total, tokens_per_s=m["tokens_per_second"],
+                           completion_tokens_per_s=rows * lg / total, reward_mean=m["reward_mean"])
+        print("RL step: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in split.items())
+              + f"; total {total:.2f} s; {m['tokens_per_second']:.1f} tokens/s "
+              f"({rows * lg / total:.1f} completion tokens/s)", flush=True)
+
+    # inputs of the update step: one rollout
+    pid = jnp.asarray(np.repeat(trainer.adapter.encode(examples)[0], args.group, axis=0))
+    pmask = jnp.ones_like(pid)
+    out = trainer._rollout(state["trainable"], frozen, pid, pmask, jax.random.key(1), trainer.sampling_cfg)
+    batch = RolloutBatch(sequences=out.sequences, prompt_mask=pmask, completion_mask=out.completion_mask,
+                         prompt_len=lp)
+    masks = trainer._draw_masks(jax.random.key(2), batch)
+    ref = trainer._statistics(frozen, None, batch, masks)
+    adv = jnp.asarray(np.linspace(-1, 1, rows), jnp.float32)
+
+    # (c) the update step alone
+    holder = {"state": state}
+
+    def one_update():
+        holder["state"], mu = trainer._update(holder["state"], frozen, batch, masks, None, ref, adv)
+        return mu["loss"]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(one_update())
+    res["update_first_call_s"] = time.perf_counter() - t0
+    peak2 = matmul_peak()
+    upd_s, upd_all = timed(one_update, args.update_repeats)
+    peak3 = matmul_peak()
+    peak = max(peak, peak2, peak3)
+    flops = update_flops(cfg, rows, lp, lg)
+    res["update"] = dict(best_s=upd_s, all_s=upd_all, gflop=flops / 1e9, gflops=flops / upd_s / 1e9,
+                         mfu=flops / upd_s / 1e9 / peak, peak_gflops=peak, peak_before_after=(peak2, peak3))
+    print(f"update step: best {upd_s:.3f} s of {[round(t, 3) for t in upd_all]}; {flops / 1e9:.1f} GFLOP "
+          f"-> {flops / upd_s / 1e9:.1f} GFLOP/s; peak (best of all runs) {peak:.1f} GFLOP/s "
+          f"[just before {peak2:.1f}, just after {peak3:.1f}] -> MFU {100 * flops / upd_s / 1e9 / peak:.1f}%",
+          flush=True)
+
+    # (d1) scoring: chunked vs unchunked
+    naive = RLTrainer(train_config(args, vocab_chunk=None, seq_chunk=None), cfg, params, mesh,
+                      SyntheticAdapter(), task=None)
+    score = lambda: trainer._statistics(frozen, None, batch, masks)  # noqa: E731
+    score_naive = lambda: naive._statistics(frozen, None, batch, masks)  # noqa: E731
+    jax.block_until_ready((score(), score_naive()))
+    sc_s, _ = timed(score, args.score_repeats)
+    scn_s, _ = timed(score_naive, args.score_repeats)
+    diff = float(jnp.max(jnp.abs(score()["ell"] - score_naive()["ell"])))
+    sflops = forward_flops(cfg, 2 * rows, lp + lg, rows * lg)
+    res["scoring"] = dict(chunked_s=sc_s, unchunked_s=scn_s, ratio=scn_s / sc_s, max_abs_diff=diff,
+                          chunked_mfu=sflops / sc_s / 1e9 / peak)
+    print(f"scoring (_statistics, one pass pair): chunked {sc_s:.3f} s (MFU {100 * sflops / sc_s / 1e9 / peak:.1f}%),"
+          f" unchunked {scn_s:.3f} s -> unchunked/chunked {scn_s / sc_s:.2f}x; max |diff| {diff:.2e}", flush=True)
+
+    # (d2) generation vs the per-step loop (temperature 0 so both produce the same tokens)
+    if not args.skip_loop:
+        nb = args.loop_batch or rows
+        scfg = trainer.sampling_cfg.replace(temperature=0.0)
+        ids = np.asarray(pid[:nb])
+        pm = np.ones_like(ids)
+        state_params = holder["state"]["trainable"]
+        compiled = generate_jit.lower(state_params, cfg, jnp.asarray(ids), jnp.asarray(pm), jax.random.key(0), scfg).compile()
+        run = lambda: compiled(state_params, jnp.asarray(ids), jnp.asarray(pm), jax.random.key(0))  # noqa: E731
+        ours = jax.block_until_ready(run())
+        gen_s, _ = timed(run, 1)
+        fn = sampling_throughput.jax_logits_fn(state_params, cfg)
+        fn(np.concatenate([ids, np.full((nb, lg), cfg.mask_token_id, np.int32)], 1), None)   # compile
+        t0 = time.perf_counter()
+        ref_x = sampling_throughput.llada_reference(fn, ids, pm, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+                                                    gen_length=lg, steps=scfg.steps,
+                                                    block_length=scfg.llada_block_length)
+        loop_s = time.perf_counter() - t0
+        same = bool(np.array_equal(np.asarray(ours.sequences), ref_x))
+        res["generation"] = dict(rows=nb, jitted_s=gen_s, loop_s=loop_s, speedup=loop_s / gen_s, same_tokens=same)
+        print(f"generation ({nb} rows, temperature 0): jitted sampler {gen_s:.2f} s, per-step loop {loop_s:.2f} s "
+              f"-> {loop_s / gen_s:.2f}x; same tokens: {same}", flush=True)
+
+    # (e) profile of the update step
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(2):
+                jax.block_until_ready(one_update())
+        ops = top_ops(args.profile)
+        total_ms = sum(t for _, t, _ in top_ops(args.profile, 10 ** 6))
+        res["profile_top_ops"] = ops
+        print(f"profile of 2 update steps: top ops by time (of {total_ms:.0f} ms of op time)")
+        for name, ms, count in ops:
+            print(f"  {ms:9.1f} ms  {100 * ms / total_ms:5.1f}%  x{count:<4d} {name}")
+
+    res["load_end"] = os.getloadavg()
+    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
