@@ -252,6 +252,104 @@ def _merge_projections(mesh: Mesh | None) -> bool:
     return mesh is None or dict(mesh.shape).get("tensor", 1) == 1
 
 
+def _to_kv_major(x: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, L, KV*G, Dh] -> [B, KV, G*L, Dh]: head ``h`` -> kv head ``h // G``, the G query heads of one kv
+    head stacked along the rows, so every attention matmul is a plain batched matmul over (B, KV)."""
+    b, length, heads, dh = x.shape
+    g = heads // kv_heads
+    return x.reshape(b, length, kv_heads, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * length, dh)
+
+
+def _from_kv_major(x: jax.Array, length: int) -> jax.Array:
+    """Inverse of :func:`_to_kv_major`: [B, KV, G*L, Dh] -> [B, L, KV*G, Dh]."""
+    b, kv_heads, gl, dh = x.shape
+    g = gl // length
+    return x.reshape(b, kv_heads, g, length, dh).transpose(0, 3, 1, 2, 4).reshape(b, length, kv_heads * g, dh)
+
+
+def _masked(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
+    """x [B, KV, G*Lq, Lk] where ``mask`` [B, 1, Lq, Lk] (shared by all heads) is True, else ``fill``."""
+    if mask is None:
+        return x
+    b, kv_heads, gl, lk = x.shape
+    lq = mask.shape[2]
+    y = jnp.where(mask[:, :, None], x.reshape(b, kv_heads, gl // lq, lq, lk), jnp.asarray(fill, x.dtype))
+    return y.reshape(x.shape)
+
+
+def _check_attention_shapes(q, k, v, mask) -> None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"attention: expected q [B, Lq, H, Dh] and k, v [B, Lk, KV, Dh] of equal shape, got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"attention: q {q.shape} and k {k.shape} must share the batch and head dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: num_heads {q.shape[2]} is not a multiple of num_kv_heads {k.shape[2]}")
+    if mask is not None and (mask.shape != (q.shape[0], 1, q.shape[1], k.shape[1]) or mask.dtype != jnp.bool_):
+        raise ValueError(f"attention: mask must be bool [B, 1, Lq, Lk] = {(q.shape[0], 1, q.shape[1], k.shape[1])}, "
+                         f"got {mask.dtype} {mask.shape}")
+
+
+def _attention_fwd(q, k, v, mask, divisor):
+    _check_attention_shapes(q, k, v, mask)
+    length = q.shape[1]
+    kv_heads = k.shape[2]
+    qt = _to_kv_major(q, kv_heads)                                       # [B, KV, G*Lq, Dh]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)            # [B, KV, Lk, Dh]
+    scores = jnp.einsum("bkqd,bksd->bkqs", qt, kt, preferred_element_type=jnp.float32)
+    if divisor is not None:
+        scores = scores / np.float32(divisor)
+    probs = jax.nn.softmax(_masked(scores, mask, _NEG), axis=-1)        # fp32 [B, KV, G*Lq, Lk]
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(q.dtype), vt)      # [B, KV, G*Lq, Dh]
+    return _from_kv_major(out, length), (qt, kt, vt, out, probs, mask)
+
+
+def _attention_bwd(divisor, res, g):
+    qt, kt, vt, out, probs, mask = res
+    dtype = qt.dtype
+    kv_heads, length = kt.shape[1], g.shape[1]
+    dout = _to_kv_major(g.astype(dtype), kv_heads)                       # [B, KV, G*Lq, Dh]
+    dv = jnp.einsum("bkqs,bkqd->bksd", probs.astype(dtype), dout)
+    dprobs = jnp.einsum("bkqd,bksd->bkqs", dout, vt, preferred_element_type=jnp.float32)
+    # Softmax backward: dS = P (dP - sum_s P dP). sum_s P_qs dP_qs = sum_s P_qs sum_d dO_qd V_sd = sum_d dO_qd O_qd,
+    # a reduction over the head dim of [.., Lq, Dh] instead of over the keys of [.., Lq, Lk].
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    # Masked scores were replaced by a constant, so they get no gradient (needed: the fully masked query rows
+    # of Dream pads have uniform P, not zeros).
+    dscores = _masked(probs * (dprobs - delta), mask, 0.0)
+    if divisor is not None:
+        dscores = dscores / np.float32(divisor)
+    dscores = dscores.astype(dtype)
+    dq = jnp.einsum("bkqs,bksd->bkqd", dscores, kt)
+    dk = jnp.einsum("bkqs,bkqd->bksd", dscores, qt)
+    return _from_kv_major(dq, length), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+              divisor: float | None = None) -> jax.Array:
+    """Softmax attention core: ``softmax(where(mask, q k^T / divisor, min)) v`` per head, fp32 softmax.
+
+    q [B, Lq, H, Dh], k and v [B, Lk, KV, Dh] (grouped-query: query head ``h`` reads kv head ``h // (H/KV)``),
+    mask None or bool [B, 1, Lq, Lk] (True = attend; a fully masked query row gets uniform weights, finite),
+    ``divisor`` a static scale for the scores (None: q is already scaled) -> [B, Lq, H, Dh] in q's dtype.
+    Scores, softmax and the softmax backward run in fp32; the matmuls take the compute dtype.
+
+    The values are those of the plain einsum/softmax/einsum composition; the custom VJP is for speed. The
+    backward computes dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)) (the FlashAttention identity,
+    using the saved output O), dQ = dS K, dK = dS^T Q, all in a [B, KV, G*L, Dh] layout where each is one
+    batched matmul with no strided copies. Autodiff of the composition instead let XLA:CPU fuse dP with the
+    softmax gradient's row sum over the keys into one slow kernel and transpose the score gradient for dK.
+    Residuals: q, k, v, O and the fp32 probabilities (what autodiff saved too). In fp32 the gradients equal
+    autodiff's up to rounding; in bf16 the row sums use the bf16 O (as FlashAttention does). Reverse mode
+    only: ``jax.jvp`` / ``jax.jacfwd`` through a ``custom_vjp`` function raise.
+    """
+    return _attention_fwd(q, k, v, mask, divisor)[0]
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def block(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin: jax.Array,
           mask: jax.Array | None, mesh: Mesh | None, lora: Mapping | None, lora_scale: float) -> jax.Array:
     """One pre-norm transformer block. h [B, L, D] -> [B, L, D]."""
@@ -267,22 +365,13 @@ def block(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin
     q = constrain(q, mesh, ("batch", "length", "heads", "head_dim"))
     q = apply_rope(q, cos, sin, cfg.rope_in_fp32)
     k = apply_rope(k, cos, sin, cfg.rope_in_fp32)
-    bsz, length = q.shape[:2]
-    groups = cfg.num_heads // cfg.num_kv_heads
     scale = np.sqrt(cfg.head_dim)
     exact = float(np.log2(scale)).is_integer()
     if exact:
         # 1/sqrt(Dh) is a power of two (Dh = 4, 16, 64, 256...): scaling q instead of the [.., L, L] scores
         # is bitwise the same and saves a pass over the largest activation, forward and backward.
         q = q * jnp.asarray(1.0 / scale, dtype)
-    qg = q.reshape(bsz, length, cfg.num_kv_heads, groups, cfg.head_dim)   # head h -> kv head h // groups
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-    if not exact:
-        scores = scores / scale.astype(np.float32)
-    if mask is not None:
-        scores = jnp.where(mask[:, :, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    attn = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(bsz, length, cfg.num_heads, cfg.head_dim)
+    attn = attention(q, k, v, mask, None if exact else float(scale))
     attn = constrain(attn, mesh, ("batch", "length", "heads", "head_dim"))
     h = h + _proj(attn, layer["o"], "blhk,hkd->bld", lora, "o", lora_scale, dtype)
     h = constrain(h, mesh, ("batch", "length", "act_embed"))
