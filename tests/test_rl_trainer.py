@@ -331,3 +331,26 @@ def test_resume_with_a_different_model_names_the_field(tmp_path):
                            "mlp_dim: 64}"), resume=True, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         run_train(tiny_cfg(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["constant_with_warmup", "cosine"])
+def test_schedule_counts_rl_steps_whatever_num_iterations(schedule):
+    """With mu optimizer updates per RL step, update c runs at the learning rate of RL step c // mu, and the
+    schedule follows its closed form over RL steps (linear warm-up, then constant or half-cosine to 0)."""
+    from gdsd_jax.rl.config import OptimSection
+    from gdsd_jax.rl.trainer import update_schedule
+
+    optim = OptimSection(lr=3e-4, schedule=schedule, warmup_steps=10)
+    total, mu = 100, 4
+
+    def closed_form(step):
+        if step < 10:
+            return 3e-4 * step / 10
+        if schedule == "constant_with_warmup":
+            return 3e-4
+        return 3e-4 * 0.5 * (1 + np.cos(np.pi * (step - 10) / (total - 10)))
+
+    fn = update_schedule(optim, total, mu)
+    for count in (0, 3, 4, 39, 40, 41, 200, 397, 399):
+        # fp32 schedule arithmetic: errors of a few ulps of lr (cos near -1 cancels), hence abs = lr * 2^-18
+        assert float(fn(count)) == pytest.approx(closed_form(count // mu), rel=1e-5, abs=3e-4 * 2 ** -18)

@@ -45,19 +45,34 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite updates; the run stopped (checkpoints are intact)."""
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and the configured schedule."""
-    if optim.schedule == "constant":
-        lr = optim.lr
-    elif optim.schedule == "constant_with_warmup":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)),
-                                   optax.constant_schedule(optim.lr)], [max(optim.warmup_steps, 1)])
-    else:
-        lr = optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1), max(total_steps, 2))
+def make_optimizer(optim, total_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and the configured schedule.
+
+    ``total_steps`` and ``optim.warmup_steps`` count RL steps; each RL step makes ``updates_per_step``
+    (= ``num_iterations``) optimizer updates, all at that step's learning rate (:func:`learning_rate`).
+    """
     return optax.chain(
         optax.clip_by_global_norm(optim.max_grad_norm),
-        optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mu_dtype=jnp.float32),
+        optax.adamw(update_schedule(optim, total_steps, updates_per_step), b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mu_dtype=jnp.float32),
     )
+
+
+def update_schedule(optim, total_steps: int, updates_per_step: int = 1):
+    """The learning rate as a function of the optimizer's update count: update ``c`` belongs to RL step
+    ``c // updates_per_step`` (a schedule over updates would end ``num_iterations`` times too early)."""
+    if optim.schedule == "constant":
+        return optim.lr
+    return lambda count: learning_rate(optim, count // updates_per_step, total_steps)
+
+
+def learning_rate(optim, step, total_steps: int):
+    """Learning rate of RL step ``step`` (an int or a traced count)."""
+    if optim.schedule == "constant":
+        return optim.lr
+    if optim.schedule == "constant_with_warmup":
+        return optim.lr * jnp.minimum(1.0, step / max(optim.warmup_steps, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
+                                              max(total_steps, 2))(step)
 
 
 def _fp32(tree):
@@ -131,7 +146,7 @@ class RLTrainer:
         if cfg.lora.enabled and cfg.lora.dropout:
             raise ValueError("lora.dropout > 0 is not supported: the adapters are deterministic "
                              "(the official recipes' 0.05 dropout is not reproduced)")
-        self.tx = make_optimizer(cfg.optim, rl.total_steps)
+        self.tx = make_optimizer(cfg.optim, rl.total_steps, rl.num_iterations)
         self._base_params = base_params
         self._build_functions()
 
@@ -320,7 +335,7 @@ class RLTrainer:
             "completion_length": float(comp_len.mean()),
             "reward_failures": int(multihost.host_allgather(np.asarray([scores.failures])).sum()),
             "nonfinite_updates": nonfinite,
-            "lr": learning_rate(self.cfg.optim, step, rl.total_steps),
+            "lr": float(learning_rate(self.cfg.optim, step, rl.total_steps)),
         }
         for name, vals in scores.per_fn.items():
             metrics[f"reward/{name}"] = float(np.mean(multihost.host_allgather(np.asarray(vals))))
