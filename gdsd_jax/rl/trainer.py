@@ -85,15 +85,6 @@ def _opt_init(tx: optax.GradientTransformation, trainable):
     return tx.init(_fp32(trainable))
 
 
-def learning_rate(optim, step: int, total_steps: int) -> float:
-    if optim.schedule == "constant":
-        return optim.lr
-    if optim.schedule == "constant_with_warmup":
-        return optim.lr * min(1.0, step / max(optim.warmup_steps, 1))
-    return float(optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
-                                                    max(total_steps, 2))(step))
-
-
 @dataclasses.dataclass
 class ModelParts:
     """The model as the trainer holds it: ``trainable`` is optimised; ``frozen`` is the base (LoRA) or the
