@@ -53,7 +53,8 @@ def make_optimizer(optim, total_steps: int, updates_per_step: int = 1) -> optax.
     """
     return optax.chain(
         optax.clip_by_global_norm(optim.max_grad_norm),
-        optax.adamw(update_schedule(optim, total_steps, updates_per_step), b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mu_dtype=jnp.float32),
+        optax.adamw(update_schedule(optim, total_steps, updates_per_step), b1=optim.b1, b2=optim.b2,
+                    weight_decay=optim.weight_decay, mu_dtype=jnp.float32),
     )
 
 
@@ -75,8 +76,13 @@ def learning_rate(optim, step, total_steps: int):
                                               max(total_steps, 2))(step)
 
 
+def _cast_floats(tree, dtype):
+    """The tree with its floating-point leaves cast to ``dtype`` (integer leaves untouched)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def _fp32(tree):
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return _cast_floats(tree, jnp.float32)
 
 
 def _opt_init(tx: optax.GradientTransformation, trainable):
@@ -153,9 +159,7 @@ class RLTrainer:
         else:
             trainable = self._base_params
             if cfg.optim.param_dtype is not None:
-                dt = jnp.dtype(cfg.optim.param_dtype)
-                trainable = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                         trainable)
+                trainable = _cast_floats(trainable, jnp.dtype(cfg.optim.param_dtype))
             # The reference copy exists only if a loss term needs it (no second copy otherwise).
             frozen = jax.tree.map(jnp.copy, self._base_params) if self.needs_ref else None
         rep = NamedSharding(self.mesh, P())
