@@ -27,7 +27,8 @@ TINY = [
     "checkpoint.keep=10", "checkpoint.async_save=false", "tensorboard=false",
     # The mechanics tested here do not depend on the default's RL recipe; pin the plain on-policy one so the
     # tests do not change when the tiny default is retuned (tests that need mu > 1 say so).
-    "rl.num_iterations=1", "optim.lr=1e-4", "objective.psi=1.0", "objective.clip_mode=sequence",
+    "rl.num_iterations=1", "optim.lr=1e-4", "optim.schedule=constant", "objective.psi=1.0",
+    "objective.clip_mode=sequence",
 ]
 
 
