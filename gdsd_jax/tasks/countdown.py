@@ -15,7 +15,6 @@ evaluated by :mod:`gdsd_jax.tasks.arith`, never by Python ``eval``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import re
@@ -31,12 +30,11 @@ from gdsd_jax.data.tokenizer import (
     COUNTDOWN_CHARS,
     COUNTDOWN_EOS,
     COUNTDOWN_SEP,
-    CharTokenizer,
     countdown_tokenizer,
 )
 from gdsd_jax.tasks import arith
 from gdsd_jax.tasks.base import Task, WeightedReward
-from gdsd_jax.tasks.files import is_int, is_int_list, load_rows
+from gdsd_jax.tasks.files import is_int, is_int_list, load_rows, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import XML_FORMAT, boxed_contents, last_answer_tag
 
@@ -353,37 +351,18 @@ class CountdownTask(Task):
                 acc.append(0.0)
         return {"accuracy": acc}
 
-    def compact_tokenizer(self) -> CharTokenizer:
-        return countdown_tokenizer()
-
-    def compact_prompt(self, example: dict) -> list[int]:
-        return compact_prompt(example)
-
-    def compact_solution(self, example: dict) -> list[int]:
-        return compact_solution(example)
-
-    def compact_reward(self, completion_ids, example: dict) -> float:
-        return compact_reward(completion_ids, example)
+    # The compact format (module functions above) as the Task interface's methods.
+    compact_tokenizer = staticmethod(countdown_tokenizer)
+    compact_prompt = staticmethod(compact_prompt)
+    compact_solution = staticmethod(compact_solution)
+    compact_reward = staticmethod(compact_reward)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gdsd_jax.tasks.countdown",
-                                     description="Regenerate or check the shipped Countdown test set.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--regenerate", action="store_true", help="write the test set (default: the shipped file)")
-    group.add_argument("--check", action="store_true", help="verify the shipped file regenerates byte for byte")
-    parser.add_argument("--out", type=Path, default=None, help="output path for --regenerate")
-    args = parser.parse_args(argv)
-    data = write_jsonl(make_test_set())
-    if args.check:
-        same = shipped_test_path().read_bytes() == data
-        print(f"{shipped_test_path().name}: {'identical' if same else 'DIFFERS from the generator'}")
-        return 0 if same else 1
-    out = args.out or shipped_test_path()
-    out.write_bytes(data)
-    num_rows = data.count(b"\n")
-    print(f"wrote {len(data)} bytes ({num_rows} instances) to {out}")
-    return 0
+    return shipped_file_main(argv, prog="python -m gdsd_jax.tasks.countdown",
+                             description="Regenerate or check the shipped Countdown test set.",
+                             make=lambda: write_jsonl(make_test_set()), shipped=shipped_test_path(),
+                             unit="instances")
 
 
 if __name__ == "__main__":

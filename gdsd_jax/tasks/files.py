@@ -153,3 +153,28 @@ def load_rows(
     if not out:
         raise DataError(path, None, None, "the file holds no rows (an empty dataset cannot be trained on)")
     return out
+
+
+def shipped_file_main(argv: Sequence[str] | None, *, prog: str, description: str, make: Callable[[], bytes],
+                      shipped: Path, unit: str, header_lines: int = 0) -> int:
+    """Command line of a generated data file shipped with the package: ``--regenerate [--out PATH]`` writes
+    ``make()`` (default: over the shipped file), ``--check`` exits 1 unless the shipped file regenerates
+    byte for byte. ``unit`` names a row in the summary (``"puzzles"``); ``header_lines`` are not counted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--regenerate", action="store_true", help="write the file (default: the shipped file)")
+    group.add_argument("--check", action="store_true", help="verify the shipped file regenerates byte for byte")
+    parser.add_argument("--out", type=Path, default=None, help="output path for --regenerate")
+    args = parser.parse_args(argv)
+    data = make()
+    if args.check:
+        same = shipped.read_bytes() == data
+        print(f"{shipped.name}: {'identical' if same else 'DIFFERS from the generator'}")
+        return 0 if same else 1
+    out = args.out or shipped
+    out.write_bytes(data)
+    rows = data.count(b"\n") - header_lines
+    print(f"wrote {len(data)} bytes ({rows} {unit}) to {out}")
+    return 0

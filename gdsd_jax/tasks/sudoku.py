@@ -17,7 +17,6 @@ Puzzles and solutions are 16-character strings read row by row; ``0`` marks a bl
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import sys
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gdsd_jax.data.tokenizer import SUDOKU_SEP, CharTokenizer, sudoku_tokenizer
+from gdsd_jax.data.tokenizer import SUDOKU_SEP, sudoku_tokenizer
 from gdsd_jax.tasks.base import Task, WeightedReward
-from gdsd_jax.tasks.files import DataError, load_rows
+from gdsd_jax.tasks.files import DataError, load_rows, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import last_answer_tag
 
@@ -384,39 +383,18 @@ class SudokuTask(Task):
         acc = reward_sudoku(completions, examples)
         return {"accuracy": acc, "solved": [float(a == 1.0) for a in acc]}
 
-    def compact_tokenizer(self) -> CharTokenizer:
-        return sudoku_tokenizer()
-
-    def compact_prompt(self, example: dict) -> list[int]:
-        return compact_prompt(example)
-
-    def compact_solution(self, example: dict) -> list[int]:
-        return compact_solution(example)
-
-    def compact_reward(self, completion_ids, example: dict) -> float:
-        return compact_reward(completion_ids, example)
-
-
+    # The compact format (module functions above) as the Task interface's methods.
+    compact_tokenizer = staticmethod(sudoku_tokenizer)
+    compact_prompt = staticmethod(compact_prompt)
+    compact_solution = staticmethod(compact_solution)
+    compact_reward = staticmethod(compact_reward)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gdsd_jax.tasks.sudoku",
-                                     description="Regenerate or check the shipped 4x4 Sudoku test set.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--regenerate", action="store_true", help="write the test set (default: the shipped file)")
-    group.add_argument("--check", action="store_true", help="verify the shipped file regenerates byte for byte")
-    parser.add_argument("--out", type=Path, default=None, help="output path for --regenerate")
-    args = parser.parse_args(argv)
-    data = write_csv(make_test_set())
-    if args.check:
-        same = shipped_test_path().read_bytes() == data
-        print(f"{shipped_test_path().name}: {'identical' if same else 'DIFFERS from the generator'}")
-        return 0 if same else 1
-    out = args.out or shipped_test_path()
-    out.write_bytes(data)
-    num_rows = data.count(b"\n") - 1
-    print(f"wrote {len(data)} bytes ({num_rows} puzzles) to {out}")
-    return 0
+    return shipped_file_main(argv, prog="python -m gdsd_jax.tasks.sudoku",
+                             description="Regenerate or check the shipped 4x4 Sudoku test set.",
+                             make=lambda: write_csv(make_test_set()), shipped=shipped_test_path(),
+                             unit="puzzles", header_lines=1)
 
 
 if __name__ == "__main__":
