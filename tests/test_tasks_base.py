@@ -53,3 +53,22 @@ def test_score_batch_localises_failures():
     assert failures == 2 and total.dtype == np.float32
     with pytest.raises(ValueError, match="2 completions but 1 examples"):
         score_batch(_Fake(), ["a", "b"], [{}])
+
+
+def test_shipped_file_command_checks_and_regenerates(tmp_path, capsys):
+    from gdsd_jax.tasks.files import shipped_file_main
+
+    shipped = tmp_path / "set.csv"
+    shipped.write_bytes(b"header\na\nb\n")
+    run = lambda argv, data: shipped_file_main(argv, prog="t", description="t", make=lambda: data,  # noqa: E731
+                                               shipped=shipped, unit="rows", header_lines=1)
+    assert run(["--check"], b"header\na\nb\n") == 0
+    assert "identical" in capsys.readouterr().out
+    assert run(["--check"], b"header\na\nc\n") == 1                   # a generator change is caught
+    assert "DIFFERS" in capsys.readouterr().out
+    assert shipped.read_bytes() == b"header\na\nb\n"                  # --check never writes
+    out = tmp_path / "new.csv"
+    assert run(["--regenerate", "--out", str(out)], b"header\nx\ny\nz\n") == 0
+    assert out.read_bytes() == b"header\nx\ny\nz\n" and "(3 rows)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):                                     # exactly one of the two modes
+        run([], b"")
