@@ -21,6 +21,7 @@ def _exp_dict(**over) -> dict:
     d = {
         "name": "t",
         "tasks": {"sudoku": {"config": SUDOKU}, "countdown": {"config": COUNTDOWN}},
+        "common_overrides": ["optim.schedule=constant"],     # as the real grid: short runs, no warm-up
         "methods": {
             "gdsd": {"objective": {"name": "gdsd"}, "overrides": ["rl.advantage=loo"],
                      "grid": {"optim.lr": [1e-4, 3e-4, 1e-3], "objective.psi": [1.0, 10.0]}},
@@ -263,7 +264,8 @@ def test_micro_experiment_end_to_end(tmp_path, capsys):
     spec = {
         "name": "micro", "output_dir": str(tmp_path / "out"),
         "tasks": {"sudoku": {"config": SUDOKU, "overrides": tiny}},
-        "common_overrides": ["tensorboard=false", "checkpoint.every=0", "checkpoint.async_save=false"],
+        "common_overrides": ["tensorboard=false", "checkpoint.every=0", "checkpoint.async_save=false",
+                             "optim.schedule=constant"],
         "methods": {"gdsd": {"objective": {"name": "gdsd", "beta": 0.0},
                              "grid": {"optim.lr": [1e-4, 1e-3]}}},
         "seeds": [0],

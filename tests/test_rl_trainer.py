@@ -39,6 +39,13 @@ def tiny_cfg(tmp_path, *extra) -> TrainConfig:
 
 # ---- configs ------------------------------------------------------------------------------------
 
+def test_cosine_warmup_longer_than_the_run_is_named():
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps=10 must be smaller than rl\.total_steps=2"):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["rl.total_steps=2"]).validate()
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps must be >= 0"):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["optim.warmup_steps=-1"]).validate()
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"rl\.num_generation"):
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["rl.num_generation=4"])
@@ -334,24 +341,24 @@ def test_resume_with_a_different_model_names_the_field(tmp_path):
         run_train(tiny_cfg(tmp_path), progress=False)
 
 
-@pytest.mark.parametrize("schedule", ["constant_with_warmup", "cosine"])
-def test_schedule_counts_rl_steps_whatever_num_iterations(schedule):
+@pytest.mark.parametrize("schedule,warmup", [("constant_with_warmup", 10), ("cosine", 10), ("cosine", 0)])
+def test_schedule_counts_rl_steps_whatever_num_iterations(schedule, warmup):
     """With mu optimizer updates per RL step, update c runs at the learning rate of RL step c // mu, and the
     schedule follows its closed form over RL steps (linear warm-up, then constant or half-cosine to 0)."""
     from gdsd_jax.rl.config import OptimSection
     from gdsd_jax.rl.trainer import update_schedule
 
-    optim = OptimSection(lr=3e-4, schedule=schedule, warmup_steps=10)
+    optim = OptimSection(lr=3e-4, schedule=schedule, warmup_steps=warmup)
     total, mu = 100, 4
 
     def closed_form(step):
-        if step < 10:
-            return 3e-4 * step / 10
+        if step < warmup:
+            return 3e-4 * step / warmup
         if schedule == "constant_with_warmup":
             return 3e-4
-        return 3e-4 * 0.5 * (1 + np.cos(np.pi * (step - 10) / (total - 10)))
+        return 3e-4 * 0.5 * (1 + np.cos(np.pi * min(step - warmup, total - warmup) / (total - warmup)))
 
     fn = jax.jit(update_schedule(optim, total, mu))      # optax calls it with a traced update count
-    for count in (0, 3, 4, 39, 40, 41, 200, 397, 399):
+    for count in (0, 3, 4, 39, 40, 41, 200, 397, 399, 400, 500):
         # fp32 schedule arithmetic: errors of a few ulps of lr (cos near -1 cancels), hence abs = lr * 2^-18
         assert float(fn(jnp.int32(count))) == pytest.approx(closed_form(count // mu), rel=1e-5, abs=3e-4 * 2 ** -18)

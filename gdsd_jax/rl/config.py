@@ -172,6 +172,12 @@ class TrainConfig:
                 raise ConfigError(f"rl.{name} must be positive, got {getattr(rl, name)}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+        if self.optim.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if self.optim.schedule == "cosine" and self.optim.warmup_steps >= rl.total_steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
+                              f"rl.total_steps={rl.total_steps} for the cosine schedule (it decays over the steps "
+                              f"after the warm-up); lower it or set optim.schedule=constant")
         if self.model.preset is None and self.model.checkpoint is None:
             raise ConfigError("model: set model.preset or model.checkpoint")
         if self.lora.enabled and self.lora.rank <= 0:

@@ -72,8 +72,9 @@ def learning_rate(optim, step, total_steps: int):
         return optim.lr
     if optim.schedule == "constant_with_warmup":
         return optim.lr * jnp.minimum(1.0, step / max(optim.warmup_steps, 1))
-    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
-                                              max(total_steps, 2))(step)
+    if optim.warmup_steps == 0:              # no warm-up: step 0 already runs at the peak rate
+        return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))(step)
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, total_steps)(step)
 
 
 def _cast_floats(tree, dtype):
