@@ -341,7 +341,8 @@ def test_resume_with_a_different_model_names_the_field(tmp_path):
         run_train(tiny_cfg(tmp_path), progress=False)
 
 
-@pytest.mark.parametrize("schedule,warmup", [("constant_with_warmup", 10), ("cosine", 10), ("cosine", 0)])
+@pytest.mark.parametrize("schedule,warmup", [("constant_with_warmup", 10), ("constant_with_warmup", 0),
+                                             ("cosine", 10), ("cosine", 0)])
 def test_schedule_counts_rl_steps_whatever_num_iterations(schedule, warmup):
     """With mu optimizer updates per RL step, update c runs at the learning rate of RL step c // mu, and the
     schedule follows its closed form over RL steps (linear warm-up, then constant or half-cosine to 0)."""

@@ -70,9 +70,10 @@ def learning_rate(optim, step, total_steps: int):
     """Learning rate of RL step ``step`` (an int or a traced count)."""
     if optim.schedule == "constant":
         return optim.lr
+    # warmup_steps = 0: no warm-up, step 0 already runs at the peak rate.
     if optim.schedule == "constant_with_warmup":
-        return optim.lr * jnp.minimum(1.0, step / max(optim.warmup_steps, 1))
-    if optim.warmup_steps == 0:              # no warm-up: step 0 already runs at the peak rate
+        return optim.lr if optim.warmup_steps == 0 else optim.lr * jnp.minimum(1.0, step / optim.warmup_steps)
+    if optim.warmup_steps == 0:
         return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))(step)
     return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, total_steps)(step)
 

@@ -6,6 +6,7 @@ number) and the column, and what was expected. Nothing is downloaded: paths are 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -160,8 +161,6 @@ def shipped_file_main(argv: Sequence[str] | None, *, prog: str, description: str
     """Command line of a generated data file shipped with the package: ``--regenerate [--out PATH]`` writes
     ``make()`` (default: over the shipped file), ``--check`` exits 1 unless the shipped file regenerates
     byte for byte. ``unit`` names a row in the summary (``"puzzles"``); ``header_lines`` are not counted."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog=prog, description=description)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--regenerate", action="store_true", help="write the file (default: the shipped file)")
