@@ -114,6 +114,37 @@ def test_recipe_builds_train_step_shapes(name):
     assert cfg.lora.enabled and n_train < base.num_params() / 10
 
 
+# ---- SFT warm start cache -----------------------------------------------------------------------
+
+def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
+    """The first call trains and writes the cache; the same settings reuse it (identical weights, no SFT);
+    a different SFT setting gets its own entry; progress=False prints no SFT progress bar."""
+    from gdsd_jax.rl.run import build_mesh, build_model, warm_start
+
+    cfg = tiny_cfg(tmp_path, "warm_start.mode=sft", f"warm_start.cache_dir={tmp_path / 'cache'}",
+                   "sft.steps=2", "sft.batch_size=8", "sft.eval_every=0")
+    mesh = build_mesh(cfg)
+    model_cfg, init = build_model(cfg, mesh)
+    init = jax.tree.map(np.array, init)        # host copies: the SFT step donates the parameters it gets
+    _, first = warm_start(cfg, mesh, model_cfg, jax.tree.map(jnp.asarray, init), progress=False)
+    out = capsys.readouterr()
+    assert "running SFT" in out.out + out.err and "sft:" not in out.err
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].startswith("sudoku-")
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), first, init)
+    assert any(jax.tree.leaves(changed)), "SFT did not change the weights"
+
+    _, again = warm_start(cfg, mesh, model_cfg, jax.tree.map(jnp.asarray, init), progress=False)
+    out = capsys.readouterr()
+    assert "reusing cached SFT checkpoint" in out.out + out.err
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, first)
+
+    other = tiny_cfg(tmp_path, "warm_start.mode=sft", f"warm_start.cache_dir={tmp_path / 'cache'}",
+                     "sft.steps=3", "sft.batch_size=8", "sft.eval_every=0")
+    warm_start(other, mesh, model_cfg, jax.tree.map(jnp.asarray, init), progress=False)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
 # ---- LoRA ---------------------------------------------------------------------------------------
 
 def test_lora_forward_equals_merged_weights_and_reference_is_base():

@@ -564,7 +564,8 @@ def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: boo
     return errors
 
 
-def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=print) -> dict[str, Path]:
+def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=print,
+                        progress: bool = True) -> dict[str, Path]:
     """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start)."""
     from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params
     from gdsd_jax.config_io import load_config
@@ -584,7 +585,7 @@ def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=pr
         model_cfg, params = build_model(cfg, mesh)
         if cfg.warm_start.mode == "sft" and not cfg.model.checkpoint:
             say(f"{task}: warm start (SFT, cached under {cfg.warm_start.cache_dir})")
-            model_cfg, params = warm_start(cfg, mesh, model_cfg, params)
+            model_cfg, params = warm_start(cfg, mesh, model_cfg, params, progress=progress)
         save_params(path, params, model_cfg)
     return paths
 
@@ -892,7 +893,7 @@ def run_experiment(path: str | Path, *, only: Sequence[str] | None = None, jobs:
 
         jax.config.update("jax_compilation_cache_dir", exp.compilation_cache)
         env["JAX_COMPILATION_CACHE_DIR"] = exp.compilation_cache
-    warm = prepare_warm_starts(exp, out, tasks, say)
+    warm = prepare_warm_starts(exp, out, tasks, say, progress=progress)
     kw = dict(jobs=jobs, progress=progress, keep_checkpoints=keep_checkpoints, env=env, say=say)
     sel = dedupe(selection_runs(exp, warm, sel_only), out)
     say(f"phase 1/3: selection, {len(sel)} runs")

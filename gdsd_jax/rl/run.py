@@ -171,8 +171,9 @@ def _warm_start_key(cfg: TrainConfig, model_cfg: DenoiserConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def warm_start(cfg: TrainConfig, mesh, model_cfg, params):
-    """SFT warm start, cached on disk by a hash of everything that determines it."""
+def warm_start(cfg: TrainConfig, mesh, model_cfg, params, *, progress: bool = True):
+    """SFT warm start, cached on disk by a hash of everything that determines it; ``progress`` shows the
+    SFT progress bar."""
     from gdsd_jax.checkpoint.params_io import restore_params, save_params
 
     cache = Path(cfg.warm_start.cache_dir) / f"{cfg.task.name}-{_warm_start_key(cfg, model_cfg)}"
@@ -181,7 +182,7 @@ def warm_start(cfg: TrainConfig, mesh, model_cfg, params):
         params, model_cfg = restore_params(cache / "params", mesh=mesh)
         return model_cfg, params
     log("warm start: running SFT (cached afterwards)")
-    model_cfg, params, history = run_sft(cfg, mesh=mesh, model_cfg=model_cfg, params=params)
+    model_cfg, params, history = run_sft(cfg, mesh=mesh, model_cfg=model_cfg, params=params, progress=progress)
     if jax.process_index() == 0:
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "history.json").write_text(json.dumps(history, indent=2) + "\n")
@@ -243,7 +244,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 
     model_cfg, params = build_model(cfg, mesh)
     if cfg.warm_start.mode == "sft" and not cfg.model.checkpoint:
-        model_cfg, params = warm_start(cfg, mesh, model_cfg, params)
+        model_cfg, params = warm_start(cfg, mesh, model_cfg, params, progress=progress)
     task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg)
     trainer = RLTrainer(cfg, model_cfg, params, mesh, adapter, task, tokenizer=tokenizer)
     state, frozen = trainer.init_state()
