@@ -45,6 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+# Timings are taken under tcmalloc when the machine has it, as the CLI runs (gdsd_jax/allocator.py);
+# GDSD_JAX_ALLOCATOR=system measures glibc's malloc instead. Must run before JAX is imported.
+from gdsd_jax.allocator import active_allocator, preload_tcmalloc  # noqa: E402
+
+preload_tcmalloc()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -188,9 +194,10 @@ def main(argv=None) -> int:
 
     res: dict = {}
     print(f"# jax {jax.__version__}, Python {platform.python_version()}, {jax.devices()[0].platform}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, allocator {active_allocator()}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start", flush=True)
     res["load_start"] = os.getloadavg()
+    res["allocator"] = active_allocator()
 
     cfg = model_config(args)
     rows = args.prompts * args.group

@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+# Timings are taken under tcmalloc when the machine has it, as the CLI runs (gdsd_jax/allocator.py);
+# GDSD_JAX_ALLOCATOR=system measures glibc's malloc instead. Must run before JAX is imported.
+from gdsd_jax.allocator import active_allocator, preload_tcmalloc  # noqa: E402
+
+preload_tcmalloc()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -126,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     print(f"# jax {jax.__version__}, {jax.devices()[0].platform}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", flush=True)
+          f"{os.cpu_count()} cores, allocator {active_allocator()}, "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []
     header = ("| config | sampler | B | Lp+Lg | steps | compile s | run s | tokens/s | loop compile s | "
               "loop run s | loop tokens/s | speedup | same tokens |")

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from gdsd_jax.allocator import preload_tcmalloc
+
 COMMANDS: dict[str, str] = {
     "train": "RL post-training (GDSD and baselines); default: the embedded tiny 4x4 Sudoku run",
     "sft": "masked-diffusion supervised fine-tuning (warm starts)",
@@ -47,6 +49,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real process start (not a call from Python): choose the allocator before JAX loads
+        preload_tcmalloc()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Default command: `gdsd-jax` alone runs the embedded default training job.
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):

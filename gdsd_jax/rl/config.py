@@ -36,7 +36,10 @@ class TaskSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLSection:
-    prompts_per_step: int = 16          # P prompts per RL step (global)
+    prompts_per_step: int = 16          # P prompts per RL step (global): the groups trained on
+    # Dynamic sampling (gdsd_jax/rl/dynamic_sampling.py): roll out this many prompts and train on the
+    # prompts_per_step groups with the largest reward spread. None: roll out exactly prompts_per_step.
+    rollout_prompts_per_step: int | None = None
     num_generations: int = 8            # G completions per prompt
     num_iterations: int = 1             # mu optimizer passes over one rollout buffer
     micro_batch_size: int = 128         # rows per gradient-accumulation micro-batch (global)
@@ -158,6 +161,11 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"objective: {e}") from None
 
+    @property
+    def rollout_prompts(self) -> int:
+        """Prompts rolled out per RL step (global)."""
+        return self.rl.rollout_prompts_per_step or self.rl.prompts_per_step
+
     def validate(self) -> "TrainConfig":
         """Check cross-field constraints and build the sub-configs once (errors name the key)."""
         rl = self.rl
@@ -170,6 +178,10 @@ class TrainConfig:
         for name in ("prompts_per_step", "num_iterations", "micro_batch_size", "total_steps"):
             if getattr(rl, name) <= 0:
                 raise ConfigError(f"rl.{name} must be positive, got {getattr(rl, name)}")
+        if rl.rollout_prompts_per_step is not None and rl.rollout_prompts_per_step < rl.prompts_per_step:
+            raise ConfigError(f"rl.rollout_prompts_per_step={rl.rollout_prompts_per_step} must be >= "
+                              f"rl.prompts_per_step={rl.prompts_per_step} (the groups trained on are chosen "
+                              f"among the rolled-out ones), or null")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
         if self.optim.warmup_steps < 0:

@@ -353,8 +353,9 @@ def abstract_inputs(trainer, mesh: Mesh) -> dict:
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
 
     key = jax.eval_shape(lambda: jax.random.key(0))
+    gen_rows = trainer.rollout_rows
     return {
-        "state": state, "frozen": frozen, "prompt_ids": i32(rows, lp), "prompt_mask": i32(rows, lp),
+        "state": state, "frozen": frozen, "prompt_ids": i32(gen_rows, lp), "prompt_mask": i32(gen_rows, lp),
         "key": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
         "batch": RolloutBatch(sequences=i32(rows, lp + lg), prompt_mask=i32(rows, lp), completion_mask=i32(rows, lg),
                               prompt_len=lp),

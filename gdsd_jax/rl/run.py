@@ -18,6 +18,7 @@ import optax
 from etils import epath
 from tqdm.auto import tqdm
 
+from gdsd_jax.allocator import active_allocator
 from gdsd_jax.checkpoint.params_io import storage_path
 from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.config_io import ConfigError, to_dict
@@ -232,6 +233,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
     mesh = build_mesh(cfg)
+    log(f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; host allocator: {active_allocator()}")
     ckpt = RunCheckpointer(out / "checkpoints", keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                            async_save=cfg.checkpoint.async_save)
     resume_step = ckpt.latest_step() if resume else None
@@ -249,7 +251,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     trainer = RLTrainer(cfg, model_cfg, params, mesh, adapter, task, tokenizer=tokenizer)
     state, frozen = trainer.init_state()
     train = list(task.examples("train"))
-    data_it = index_iterator(len(train), cfg.rl.prompts_per_step, cfg.rl.seed)
+    data_it = index_iterator(len(train), cfg.rollout_prompts, cfg.rl.seed)
     test = eval_examples(task, cfg)
     escfg = trainer.eval_sampling_cfg
 
@@ -332,7 +334,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 def _check_resume_config(saved: dict, current: dict, prefix: str = "") -> None:
     """A resume must use the same model, LoRA shape, task and batch shapes; name the first field that differs."""
     critical = ("model", "lora", "task", "objective", "rl.num_generations", "rl.prompts_per_step",
-                "rl.micro_batch_size", "sampling")
+                "rl.rollout_prompts_per_step", "rl.micro_batch_size", "sampling")
     for key in critical:
         parts = key.split(".")
         a, b = saved, current

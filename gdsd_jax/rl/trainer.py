@@ -39,6 +39,7 @@ from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.models.denoiser import param_shardings
 from gdsd_jax.rl import lora as lora_lib
 from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.rl.dynamic_sampling import group_rows, groups_by_spread
 
 
 class NonFiniteError(RuntimeError):
@@ -136,7 +137,8 @@ class RLTrainer:
         self.obj_cfg = cfg.objective_config()
         self.objective = get_objective(self.obj_cfg.name)
         rl = cfg.rl
-        self.rows = rl.prompts_per_step * rl.num_generations
+        self.rows = rl.prompts_per_step * rl.num_generations               # trained rows per step
+        self.rollout_rows = cfg.rollout_prompts * rl.num_generations       # generated rows (dynamic sampling: more)
         self.n_micro = self.rows // rl.micro_batch_size
         self.needs_old = self.objective.needs_old(self.obj_cfg, rl.num_iterations)
         self.needs_ref = self.objective.needs_ref(self.obj_cfg)
@@ -259,7 +261,9 @@ class RLTrainer:
 
     # ---- one RL step ------------------------------------------------------------------------------
     def rl_step(self, state: dict, frozen, examples: list[dict]) -> tuple[dict, dict]:
-        """Run one RL step on ``P`` prompt examples; returns the new state and host metrics."""
+        """Run one RL step on this process's rollout prompts (``cfg.rollout_prompts`` in all; with dynamic
+        sampling the ``rl.prompts_per_step`` groups of largest reward spread are trained on); returns the
+        new state and host metrics."""
         from gdsd_jax.objectives.advantages import compute_advantages
         from gdsd_jax.objectives.types import RolloutBatch
 
@@ -290,9 +294,17 @@ class RLTrainer:
         t0 = time.perf_counter()
         lp = prompt_ids.shape[1]
         scores = self.adapter.score(seqs[:, lp:], cmask, rows_examples)
-        adv = np.asarray(compute_advantages(jnp.asarray(scores.rewards), g, method=rl.advantage,
+        rewards = multihost.host_allgather(scores.rewards)        # for metrics only: every rollout
+        trained_rewards = scores.rewards
+        if self.cfg.rollout_prompts != rl.prompts_per_step:
+            # Dynamic sampling, per process (its groups are local): keep its share of the trained groups.
+            local_keep = len(examples) * rl.prompts_per_step // self.cfg.rollout_prompts
+            keep = groups_by_spread(scores.rewards, g, local_keep)
+            rows = group_rows(keep, g)
+            seqs, cmask, trained_rewards = seqs[rows], cmask[rows], scores.rewards[rows]
+            pmask = multihost.global_batch(prompt_mask[rows], sharding)
+        adv = np.asarray(compute_advantages(jnp.asarray(trained_rewards), g, method=rl.advantage,
                                             scale_std=rl.scale_std))
-        rewards = multihost.host_allgather(scores.rewards)        # for metrics only
         timings["time_reward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -329,6 +341,8 @@ class RLTrainer:
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "zero_spread_groups": float(np.mean(groups.std(axis=1) == 0)),
+            "zero_spread_groups_trained": float(np.mean(
+                multihost.host_allgather(trained_rewards).reshape(-1, g).std(axis=1) == 0)),
             "completion_length": float(comp_len.mean()),
             "reward_failures": int(multihost.host_allgather(np.asarray([scores.failures])).sum()),
             "nonfinite_updates": nonfinite,
