@@ -84,6 +84,8 @@ def test_expansion_counts_and_resolved_configs(tmp_path):
     cfg = _resolve(tok, tmp_path)
     assert cfg.objective_config().clip_mode == "token" and cfg.rl.num_iterations == 2
     assert cfg.objective_config().psi == 10.0 and cfg.optim.lr == 3e-4
+    # The sudoku task config samples dynamically (32 prompts rolled out); the budget rolls out exactly P.
+    assert _resolve(tok, tmp_path).rollout_prompts == 4
 
 
 def test_only_filter_and_dedupe_of_shared_runs(tmp_path):

@@ -28,7 +28,7 @@ TINY = [
     # The mechanics tested here do not depend on the default's RL recipe; pin the plain on-policy one so the
     # tests do not change when the tiny default is retuned (tests that need mu > 1 say so).
     "rl.num_iterations=1", "optim.lr=1e-4", "optim.schedule=constant", "objective.psi=1.0",
-    "objective.clip_mode=sequence",
+    "objective.clip_mode=sequence", "rl.rollout_prompts_per_step=null",
 ]
 
 

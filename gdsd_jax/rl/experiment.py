@@ -281,7 +281,7 @@ def make_run(exp: Experiment, task: str, method: str, point: dict, seed: int, *,
 
     Override order (later wins): task overrides, the common overrides, the method's objective section
     (replacing the base config's) and overrides, its per-task overrides, the variant's, the grid point, then
-    the budget (P, G, steps, eval cadence, one micro-batch per step) and the seed.
+    the budget (P, G, every rollout trained on, steps, eval cadence, one micro-batch per step) and the seed.
     """
     t = exp.tasks[task]
     m = exp.methods[method]
@@ -294,7 +294,9 @@ def make_run(exp: Experiment, task: str, method: str, point: dict, seed: int, *,
     ov = [*t.overrides, *exp.common_overrides, _objective_override(obj), *m.overrides,
           *m.task_overrides.get(task, ()), *extra, *_point_overrides(point)]
     p, g = int(exp.budget["prompts_per_step"]), int(exp.budget["num_generations"])
+    # The budget is P x G rollouts per step for every method: no dynamic sampling (it would roll out more).
     ov += [f"rl.prompts_per_step={p}", f"rl.num_generations={g}", f"rl.micro_batch_size={p * g}",
+           "rl.rollout_prompts_per_step=null",
            f"rl.total_steps={total_steps}", f"eval.every={eval_every}", f"rl.seed={seed}"]
     if warm_start is not None:
         ov += [f"model.checkpoint={warm_start}", "warm_start.mode=none"]
