@@ -5,9 +5,9 @@ Why: XLA:CPU gives every kernel's output a freshly allocated buffer. glibc's mal
 returns them with ``munmap`` when freed, so the same activation buffers are faulted in page by page again
 on every step: about 1 GB of new pages per RL step of the tiny default, 22% of its CPU time in the kernel.
 tcmalloc keeps freed spans and hands them out again. Measured on the 2-core CPU of the benchmarks
-(``benchmarks/README.md``): the 60M-parameter update step 8.10 s -> 6.35 s (MFU 52% -> 66%), the tiny
+(``benchmarks/README.md``): the 60M-parameter update step 7.45 s -> 5.49 s (MFU 52% -> 68%), the tiny
 default's update 0.174 s -> 0.130 s, minor page faults down 6-7x. It is the preload PyTorch's CPU
-performance-tuning guide recommends and PyTorch/XLA's TPU VM images set; it changes where buffers live,
+performance-tuning guide recommends and PyTorch/XLA's TPU VM Docker images set; it changes where buffers live,
 not what is computed (the tests compare runs bitwise across the switch).
 
 The allocator has to be chosen before the process starts (``LD_PRELOAD``), so :func:`preload_tcmalloc`
