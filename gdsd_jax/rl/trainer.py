@@ -295,6 +295,7 @@ class RLTrainer:
         lp = prompt_ids.shape[1]
         scores = self.adapter.score(seqs[:, lp:], cmask, rows_examples)
         rewards = multihost.host_allgather(scores.rewards)        # for metrics only: every rollout
+        comp_len = multihost.host_allgather(cmask.sum(axis=1))   # likewise, before dynamic sampling subsets
         trained_rewards = scores.rewards
         if self.cfg.rollout_prompts != rl.prompts_per_step:
             # Dynamic sampling, per process (its groups are local): keep its share of the trained groups.
@@ -337,7 +338,6 @@ class RLTrainer:
         state = dict(state, step=state["step"] + 1)
 
         groups = rewards.reshape(-1, g)
-        comp_len = multihost.host_allgather(cmask.sum(axis=1))
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "zero_spread_groups": float(np.mean(groups.std(axis=1) == 0)),
