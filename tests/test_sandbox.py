@@ -59,9 +59,9 @@ def _live_processes_of_uid(uid):
     return found
 
 
-def _run(sandbox, source):
+def _run(sandbox, source, test=""):
     start = time.monotonic()
-    result = sandbox.run(source)
+    result = sandbox.run(source, test)
     elapsed = time.monotonic() - start
     assert elapsed < BOUND, f"run took {elapsed:.1f}s"
     uid = result.layers.get("unprivileged_uid")
@@ -94,10 +94,9 @@ def test_legit_programs_pass_and_failures_fail(guarded):
     assert "hello from the sandbox" in results[0].output
 
 
-@pytest.mark.parametrize("source", ["import os\nos._exit(0)\nassert False", "import sys\nsys.exit(0)\nassert False",
-                                    "raise SystemExit\nassert False"])
+@pytest.mark.parametrize("source", ["import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"])
 def test_early_exit_cannot_fake_a_pass(guarded, source):
-    assert not _run(guarded, source).passed
+    assert not _run(guarded, source, "assert False").passed
 
 
 @pytest.mark.parametrize("box", ["guarded", "unguarded", "fallback", "fallback_unguarded"])

@@ -37,6 +37,7 @@ tests cannot fake a pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -54,6 +55,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from gdsd_jax.tasks.checks import TRUSTED_NAMES, Step, split_test
+from gdsd_jax.tasks.sandbox_cgroup import cgroup_manager
+
 log = logging.getLogger(__name__)
 
 _CHILD = str(Path(__file__).with_name("sandbox_child.py"))
@@ -68,14 +72,17 @@ class SandboxConfig:
       timeout_s: wall-clock seconds the program may run (the official code reward uses 1 s per test).
       startup_grace_s: extra wall-clock seconds the host allows for interpreter start-up and set-up.
       cpu_s: CPU-seconds limit (default ``ceil(timeout_s) + 1``).
-      memory_bytes: address-space limit of the program's process.
+      memory_bytes: address-space limit of each of the program's processes, and memory cap of the whole run
+        (every process together) where a cgroup is available.
       file_size_bytes: largest file the program may write (beyond: SIGXFSZ kills it).
-      max_processes: process limit of the run's uid (supervisor and program included).
+      max_processes: process limit of the run (its cgroup, and the run's uid; supervisor and program included).
       max_open_files: open file descriptors.
       tmpfs_bytes: size of the tmpfs work directory (namespace mode).
       max_write_files: files the Python guard lets the program open for writing.
       num_workers: programs run in parallel by :meth:`Sandbox.run_many`.
       namespaces: ``"auto"`` (use if the kernel allows), ``"require"`` (error otherwise) or ``"off"``.
+      cgroup: per-run memory (``memory_bytes``) and process (``max_processes``) caps of the whole run in a
+        cgroup (v2, or the v1 ``memory`` and ``pids`` controllers): ``"auto"``, ``"require"`` or ``"off"``.
       drop_uid: ``"auto"`` (when running as root), True (error if not root) or False.
       python_guard: install the audit-hook guard.
       max_output_bytes: program output kept in :class:`RunResult` (the rest is read and discarded).
@@ -93,6 +100,7 @@ class SandboxConfig:
     max_write_files: int = 64
     num_workers: int = 4
     namespaces: str = "auto"
+    cgroup: str = "auto"
     drop_uid: str | bool = "auto"
     python_guard: bool = True
     max_output_bytes: int = 64 << 10
@@ -102,8 +110,10 @@ class SandboxConfig:
         if self.timeout_s <= 0 or self.startup_grace_s < 0:
             raise ValueError(f"SandboxConfig: timeout_s must be > 0 and startup_grace_s >= 0, got "
                              f"{self.timeout_s}, {self.startup_grace_s}")
-        if self.namespaces not in ("auto", "require", "off"):
-            raise ValueError(f"SandboxConfig.namespaces must be 'auto', 'require' or 'off', got {self.namespaces!r}")
+        for name in ("namespaces", "cgroup"):
+            if getattr(self, name) not in ("auto", "require", "off"):
+                raise ValueError(f"SandboxConfig.{name} must be 'auto', 'require' or 'off', "
+                                 f"got {getattr(self, name)!r}")
         if self.drop_uid not in ("auto", True, False):
             raise ValueError(f"SandboxConfig.drop_uid must be 'auto', True or False, got {self.drop_uid!r}")
         for name in ("memory_bytes", "file_size_bytes", "max_processes", "max_open_files", "tmpfs_bytes",
@@ -160,9 +170,22 @@ def _unshare_flags(python: str) -> list[str] | None:
                     break
         _PROBE_CACHE[key] = result
         if result is None:
-            log.warning("sandbox: Linux namespaces unavailable (unshare missing or not permitted); falling back "
-                        "to rlimits + process groups + the Python guard (no network namespace)")
+            log.warning("sandbox: Linux namespaces unavailable (unshare missing or not permitted): no network "
+                        "namespace, no PID namespace with a private /proc, no minimal filesystem view; falling "
+                        "back to rlimits + process groups + the Python guard")
         return result
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a missing isolation layer once per process (every Sandbox shares the host's capabilities)."""
+    with _PROBE_LOCK:
+        if message in _WARNED:
+            return
+        _WARNED.add(message)
+    log.warning(message)
 
 
 def _kill_uid(uid: int) -> int:
@@ -208,6 +231,16 @@ class Sandbox:
         if self.config.namespaces == "require" and self.unshare is None:
             raise RuntimeError("SandboxConfig.namespaces='require' but Linux namespaces are not available here "
                                "(unshare missing, or unprivileged user namespaces disabled)")
+        self.cgroups = None if self.config.cgroup == "off" else cgroup_manager()
+        if self.cgroups is not None and self.cgroups.kind is None:
+            if self.config.cgroup == "require":
+                raise RuntimeError(f"SandboxConfig.cgroup='require' but no cgroup can be made here: "
+                                   f"{self.cgroups.error}")
+            _warn_once(f"sandbox: no per-run memory and process cap ({self.cgroups.error}); each process is "
+                       f"still limited (address space {self.config.memory_bytes} bytes, "
+                       f"{self.config.max_processes} processes of the run's uid), so a run may hold up to "
+                       f"{self.config.max_processes} x {self.config.memory_bytes} bytes")
+            self.cgroups = None
 
     def capabilities(self) -> dict:
         """Which isolation layers this sandbox uses."""
@@ -216,6 +249,9 @@ class Sandbox:
             "network_namespace": self.unshare is not None,
             "pid_namespace": self.unshare is not None,
             "mount_namespace": self.unshare is not None,
+            "private_proc": self.unshare is not None,
+            "minimal_root": self.unshare is not None,
+            "per_run_cgroup": self.cgroups is not None,
             "unprivileged_uid": self.drop_uid,
             "python_guard": self.config.python_guard,
             "rlimits": True,
@@ -223,35 +259,47 @@ class Sandbox:
 
     # ---- one run ----
 
-    def run(self, source: str) -> RunResult:
-        """Run ``source`` (program then its test, one Python file) and report whether it passed."""
+    def run(self, program: str, test: str = "", comparison: str = "strict") -> RunResult:
+        """Run ``program``, then ``test`` (Python source, usually ``assert`` statements), and report whether
+        it passed: the program ran, every step of the test ran, and every check held when judged by the
+        supervisor (see :mod:`gdsd_jax.tasks.checks`; ``comparison``: ``"strict"`` or ``"python"``). With no
+        test, a run passes when the program runs to its end without an exception (a claim the program could
+        make itself: use a test to decide anything)."""
         try:
-            return self._run(source)
+            steps = split_test(test, comparison)
+        except SyntaxError as exc:
+            return RunResult(False, "failed", None, f"the test does not parse: {exc}", 0.0, {})
+        try:
+            return self._run(program, steps)
         except Exception as exc:  # never let the host crash on a sandbox problem; report it
             log.warning("sandbox run failed on the host side: %r", exc)
             return RunResult(False, "error", None, f"{type(exc).__name__}: {exc}", 0.0, {})
 
-    def _run(self, source: str) -> RunResult:
+    def _run(self, program: str, steps: list[Step]) -> RunResult:
         cfg = self.config
         start = time.monotonic()
         workdir = tempfile.mkdtemp(prefix="gdsd-sbx-")
         uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if self.drop_uid else None
         status_r, status_w = os.pipe()
         proc = None
+        cgroup = self.cgroups.make(cfg.memory_bytes, cfg.max_processes) if self.cgroups is not None else None
         try:
             os.chmod(workdir, 0o700)
             if uid is not None:
                 os.chown(workdir, uid, uid)
+            # Sent in two parts: the supervisor reads the judgements only after it started the program's
+            # process, so they are never in memory that process holds.
+            verdict = {"judgements": [s.judgement for s in steps if s.run is None], "trusted": sorted(TRUSTED_NAMES)}
             job = {
-                "source": source,
-                "nonce": secrets.token_hex(16),
+                "source": program,
+                "steps": [{"run": s.run} if s.run is not None else {"probes": list(s.probes)} for s in steps],
+                "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
                 "workdir": workdir,
                 "timeout_s": cfg.timeout_s,
                 "status_fd": status_w,
                 "uid": uid,
                 "namespaces": self.unshare is not None,
                 "drop_caps": self.unshare is not None and os.geteuid() != 0,
-                "ro_root": True,
                 "tmpfs_bytes": cfg.tmpfs_bytes,
                 "guard": cfg.python_guard,
                 "max_write_files": cfg.max_write_files,
@@ -270,8 +318,9 @@ class Sandbox:
                                     pass_fds=(status_w,), start_new_session=True, env=env, cwd=workdir)
             os.close(status_w)
             status_w = -1
+            first = json.dumps(job).encode("utf-8")
             try:
-                proc.stdin.write(json.dumps(job).encode("utf-8"))
+                proc.stdin.write(b"%016d" % len(first) + first + json.dumps(verdict).encode("utf-8"))
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
@@ -283,6 +332,8 @@ class Sandbox:
                 os.close(status_w)
             status_line = self._read_status(status_r)
             os.close(status_r)
+            if cgroup is not None:
+                cgroup.remove()
             _rmtree(workdir)
         duration = time.monotonic() - start
         status = status_line.get("outcome") or ("timeout" if timed_out else "error")
@@ -292,8 +343,9 @@ class Sandbox:
         if status == "passed" and not passed:
             status = "failed"
         layers = dict(status_line.get("layers", {}))
+        if status_line.get("detail"):
+            output = (output + "\n" + status_line["detail"]).strip()
         if status == "setup_error":
-            output = (output + "\n" + status_line.get("detail", "")).strip()
             log.warning("sandbox set-up failed: %s", status_line.get("detail"))
         return RunResult(passed, status, proc.returncode, output, duration, layers)
 
@@ -378,15 +430,20 @@ class Sandbox:
 
     # ---- many runs ----
 
-    def run_many(self, sources: Sequence[str]) -> list[RunResult]:
-        """Run every source, ``num_workers`` at a time; results in input order."""
-        if not sources:
+    def run_many(self, programs: Sequence[str], tests: Sequence[str] | None = None,
+                 comparison: str = "strict") -> list[RunResult]:
+        """:meth:`run` on every (program, test) pair, ``num_workers`` at a time; results in input order."""
+        if not programs:
             return []
-        workers = max(1, min(self.config.num_workers, len(sources)))
+        tests = [""] * len(programs) if tests is None else list(tests)
+        if len(tests) != len(programs):
+            raise ValueError(f"run_many: {len(programs)} programs but {len(tests)} tests")
+        run = functools.partial(self.run, comparison=comparison)
+        workers = max(1, min(self.config.num_workers, len(programs)))
         if workers == 1:
-            return [self.run(s) for s in sources]
+            return [run(p, t) for p, t in zip(programs, tests)]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-            return list(pool.map(self.run, sources))
+            return list(pool.map(run, programs, tests))
 
 
 _DEFAULT: Sandbox | None = None
