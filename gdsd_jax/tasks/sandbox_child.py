@@ -77,6 +77,16 @@ def _join_cgroups(job):
     _status["layers"]["cgroup"] = bool(job.get("cgroup_procs"))
 
 
+def _set_oom_score_adj(value):
+    """The supervisor shares the run's memory cap: keep the kernel's OOM killer on the program (best effort:
+    lowering needs privileges the user-namespace root may lack; raising is always allowed)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:
+        pass
+
+
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 0x4000, 1 << 18)
 _KEEP_FLAGS = 2 | 4 | 8 | 1024 | 2048 | 4096  # statvfs ST_* bits that equal the MS_* bits (locked on remount)
@@ -375,6 +385,7 @@ def _worker(job, result_w):
     os.close(null)
     os.close(_status_fd)  # the program must not be able to write a status line
     os.setpgid(0, 0)
+    _set_oom_score_adj(0)
     read_roots = job["read_roots"]
     if job.get("uid") is not None and not job.get("namespaces"):
         read_roots = sorted(set(read_roots) | set(_import_dirs_by_handle()))
@@ -574,6 +585,7 @@ def main():
         _status["layers"]["pid_namespace"] = os.getpid() == 1
         _status["layers"]["namespaces"] = bool(job.get("namespaces"))
         _join_cgroups(job)
+        _set_oom_score_adj(-1000)
         if job.get("namespaces"):
             read_roots = _build_root(job)
             job["workdir"] = "/tmp"
