@@ -64,7 +64,8 @@ CASES = [
     ("def f(x):\n    return []", "assert not f(1)", True),
     ("def f(x):\n    return b'\\x00\\xff'", "assert f(1) == b'\\x00\\xff'", True),
     ("import math\ndef f(n):\n    return math.factorial(n)", "assert f(3000) == math.factorial(3000)", True),
-    ("class Solution:\n    def add(self, a, b):\n        return a + b", "s = Solution()\nassert s.add(1, 2) == 3", True),
+    ("class Solution:\n    def add(self, a, b):\n        return a + b",
+     "s = Solution()\nassert s.add(1, 2) == 3", True),
     ("def f(x):\n    return float('nan')", "assert f(1) != f(1)", True),
     ("def f(x):\n    return x", "assert f(1) == 1\nassert f(2) == 2", True),
     ("def f(x):\n    return x", "assert f(1) == 1\nassert f(2) == 3", False),
@@ -75,7 +76,7 @@ CASES = [
 def _python_rule(program, test):
     """The official rule: the test's asserts, run by Python after the program."""
     try:
-        exec(compile(program + "\n" + test, "<case>", "exec"), {"__name__": "__main__"})
+        exec(compile(program + "\n" + test, "<case>", "exec"), {"__name__": "__main__"})  # noqa: S102
         return True
     except Exception:  # noqa: BLE001 - any exception is a failed test
         return False

@@ -186,9 +186,32 @@ def f(x):
     "atexit_forge": "import atexit\natexit.register(lambda: _forge(set()))\ndef f(x):\n    raise SystemExit(0)\n",
     "kill_self": "import signal\ndef f(x):\n    _os.kill(_os.getpid(), signal.SIGKILL)\n",
     "result_fd_forgery": "def f(x):\n    _forge({0, 1, 2, 3, 918000000})\n",
-    "always_equal_object": "class A:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\ndef f(x):\n    return A()\n",
-    "int_subclass_always_equal": "class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\ndef f(x):\n    return I(0)\n",
-    "kill_the_supervisor": "import signal\ndef f(x):\n    for pid in (1, _os.getppid()):\n        try:\n            _os.kill(pid, signal.SIGKILL)\n        except OSError:\n            pass\n    return 0\n",
+    "always_equal_object": """
+class A:
+    def __eq__(self, other):
+        return True
+    __hash__ = None
+def f(x):
+    return A()
+""",
+    "int_subclass_always_equal": """
+class I(int):
+    def __eq__(self, other):
+        return True
+    __hash__ = int.__hash__
+def f(x):
+    return I(0)
+""",
+    "kill_the_supervisor": """
+import signal
+def f(x):
+    for pid in (1, _os.getppid()):
+        try:
+            _os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return 0
+""",
 }
 
 

@@ -9,11 +9,17 @@ Each run is a separate process tree started in its own session (process group) w
   file size, number of processes, open files, no core files;
 * **a fresh temporary working directory**, removed afterwards;
 * **Linux namespaces where the kernel allows them** (probed once with ``unshare``): a new network namespace
-  (no interface except a down loopback: no network at all), a new PID namespace (the supervisor is PID 1,
-  so when it exits every process the program started dies with it), a new mount namespace in which every
-  mount is made read-only and the work directory is a size-limited tmpfs (nothing the program writes
-  reaches the host's disks). As root, ``unshare`` works directly; as another user it needs unprivileged user
-  namespaces (``unshare --user --map-root-user``), and then the sandbox root drops all capabilities;
+  (no interface except a down loopback: no network at all); a new PID namespace with its own ``/proc``
+  mounted (the supervisor is PID 1, so when it exits every process the program started dies with it, and
+  the program sees only the run's processes); a new mount namespace with a minimal root (``pivot_root``
+  into a read-only tmpfs holding read-only bind mounts of the interpreter's install and the system's shared
+  libraries, four ``/dev`` nodes, the private ``/proc`` and a size-limited tmpfs ``/tmp`` as the work
+  directory: no other host file, the task's dataset included, exists for the program). As root, ``unshare``
+  works directly; as another user it needs unprivileged user namespaces (``unshare --user
+  --map-root-user``), and then the program's process drops all capabilities;
+* **a cgroup per run** where one can be made (:mod:`~gdsd_jax.tasks.sandbox_cgroup`: cgroup v2, or the v1
+  ``memory`` and ``pids`` controllers): ``memory_bytes`` caps the memory of every process of the run
+  together, ``max_processes`` their number (without it a run could hold ``max_processes x memory_bytes``);
 * **an unprivileged uid** when the host process runs as root: root is exempt from ``RLIMIT_NPROC``, so a
   fork bomb would not be contained otherwise. Each run gets a fresh random uid (no other process has it),
   which makes the process limit count exactly the program's processes, and file permissions deny writes to
@@ -22,16 +28,24 @@ Each run is a separate process tree started in its own session (process group) w
   it refuses ``fork``/``exec``/``subprocess``/``os.system``, sockets, ``ctypes``, and file access outside the
   work directory except reading the interpreter's own library directories.
 
-Fallbacks: without usable namespaces (``unshare`` missing, or user namespaces disabled for non-root users)
-there is no network namespace: network access is then blocked only by the Python guard (socket creation is
-refused), files the program writes land in a host temporary directory (bounded by the file-size limit and
-the guard's limit on files opened for writing), and leftover processes are found and killed by uid (root)
-or by process group. ``SandboxConfig(namespaces="require")`` turns the fallback into an error.
-:meth:`Sandbox.capabilities` and every :class:`RunResult` say which layers were active.
+Fallbacks, each announced once by a warning naming the missing layer: without usable namespaces
+(``unshare`` missing, or user namespaces disabled for non-root users) there is no network namespace, no
+private ``/proc`` and no minimal root: network access and reading host files are then blocked only by the
+Python guard (and, as root, file permissions against the run's uid), files the program writes land in a
+host temporary directory (bounded by the file-size limit and the guard's limit on files opened for
+writing), and leftover processes are found and killed by uid (root) or by process group. Without a cgroup
+(no delegated controllers, e.g. an unprivileged user under cgroup v2 without a delegated subtree) memory is
+bounded per process only. ``SandboxConfig(namespaces="require")`` / ``cgroup="require"`` turn a fallback
+into an error. :meth:`Sandbox.capabilities` and every :class:`RunResult` say which layers were active.
 
-A program *passes* only if its process exits 0 after running to the end of its source (the supervisor
-checks a nonce the program writes after the last statement), so ``os._exit(0)`` / ``sys.exit(0)`` before the
-tests cannot fake a pass.
+**The verdict.** :meth:`Sandbox.run` takes the program and its test separately. The test is split
+(:mod:`~gdsd_jax.tasks.checks`) into probes, the expressions the program's process evaluates (``f(3)``),
+and judgements, evaluated by the supervisor on the probe values sent back as plain data
+(``_p0 == [1, 2]``). The judgements reach the supervisor only after the program's process was forked from
+it, the supervisor is not dumpable (no ``ptrace`` or ``/proc/1/mem``) and keeps its privileges while the
+program's process drops them. So nothing in the program's reach holds an expected value or can write a
+verdict: at most it can report values, which is what solving the task means. Exiting early leaves checks
+without values: a failure.
 """
 
 from __future__ import annotations
