@@ -22,8 +22,9 @@ Comparison modes of the judgement:
   every test whose values are built-in data).
 
 In both modes a probe value must be plain data (``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``,
-``bytes`` and ``list``/``tuple``/``set``/``frozenset``/``dict`` of them, exact types): an object of a class
-the program defines (an ``__eq__`` that always returns True, an ``int`` subclass) fails the test.
+``bytes`` and ``list``/``tuple``/``set``/``frozenset``/``dict`` of them, exact types): any other value (an
+object of a class the program defines, such as one whose ``__eq__`` always returns True or an ``int``
+subclass; a NumPy scalar or array) fails the test.
 """
 
 from __future__ import annotations

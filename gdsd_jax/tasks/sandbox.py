@@ -296,8 +296,10 @@ class Sandbox:
         uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if self.drop_uid else None
         status_r, status_w = os.pipe()
         proc = None
-        cgroup = self.cgroups.make(cfg.memory_bytes, cfg.max_processes) if self.cgroups is not None else None
+        cgroup = None
         try:
+            if self.cgroups is not None:
+                cgroup = self.cgroups.make(cfg.memory_bytes, cfg.max_processes)
             os.chmod(workdir, 0o700)
             if uid is not None:
                 os.chown(workdir, uid, uid)
