@@ -320,3 +320,26 @@ def test_missing_cgroup_layer_warns_once(monkeypatch, caplog):
     assert _run(first, "pass", "assert 1 + 1 == 2").passed
     with pytest.raises(RuntimeError, match="cgroup='require'"):
         Sandbox(SandboxConfig(cgroup="require"))
+
+
+def test_namespace_setup_failure_falls_back_with_one_warning(monkeypatch, caplog, tmp_path, guarded):
+    """``unshare`` permitted but mounting refused (e.g. an LSM policy): one warning, then the fallback."""
+    import gdsd_jax.tasks.sandbox as sandbox_module
+
+    _skip_without(guarded, "minimal_root")
+    child = open(sandbox_module._CHILD).read()
+    marker = '_mount(libc, ctypes, "none", "/", None, _MS_REC | _MS_PRIVATE)'
+    assert marker in child
+    broken = tmp_path / "sandbox_child.py"
+    broken.write_text(child.replace(marker, 'raise PermissionError(1, "mount refused (test)")'))
+    monkeypatch.setattr(sandbox_module, "_CHILD", str(broken))
+    monkeypatch.setattr(sandbox_module, "_SELF_TEST", {})
+    monkeypatch.setattr(sandbox_module, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="gdsd_jax.tasks.sandbox"):
+        boxes = [Sandbox(SandboxConfig(timeout_s=TIMEOUT)) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records if "setting them up failed" in r.getMessage()]
+    assert len(warnings) == 1 and "mount refused (test)" in warnings[0] and "private /proc" in warnings[0]
+    assert not boxes[0].capabilities()["minimal_root"]
+    assert _run(boxes[1], "def f(x):\n    return x", "assert f(1) == 1").passed
+    with pytest.raises(RuntimeError, match="could not be set up"):
+        Sandbox(SandboxConfig(namespaces="require"))

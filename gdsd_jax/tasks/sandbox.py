@@ -29,7 +29,8 @@ Each run is a separate process tree started in its own session (process group) w
   work directory except reading the interpreter's own library directories.
 
 Fallbacks, each announced once by a warning naming the missing layer: without usable namespaces
-(``unshare`` missing, or user namespaces disabled for non-root users) there is no network namespace, no
+(``unshare`` missing, user namespaces disabled for non-root users, or a first trivial run in them failing,
+e.g. because mounting is refused) there is no network namespace, no
 private ``/proc`` and no minimal root: network access and reading host files are then blocked only by the
 Python guard (and, as root, file permissions against the run's uid), files the program writes land in a
 host temporary directory (bounded by the file-size limit and the guard's limit on files opened for
@@ -157,6 +158,7 @@ class RunResult:
 
 _PROBE_LOCK = threading.Lock()
 _PROBE_CACHE: dict[tuple, list[str] | None] = {}
+_SELF_TEST: dict[tuple, str] = {}  # (euid, interpreter, drop_uid) -> "" or why the namespaces do not work
 
 
 def _unshare_flags(python: str) -> list[str] | None:
@@ -246,6 +248,16 @@ class Sandbox:
             raise RuntimeError("SandboxConfig.namespaces='require' but Linux namespaces are not available here "
                                "(unshare missing, or unprivileged user namespaces disabled)")
         self.cgroups = None if self.config.cgroup == "off" else cgroup_manager()
+        if self.unshare is not None:
+            failure = self._namespace_self_test()
+            if failure:
+                if self.config.namespaces == "require":
+                    raise RuntimeError(f"SandboxConfig.namespaces='require' but the sandbox's namespaces could not "
+                                       f"be set up: {failure}")
+                _warn_once(f"sandbox: namespaces are permitted but setting them up failed ({failure}): no network "
+                           "namespace, no private /proc, no minimal filesystem view; falling back to rlimits + "
+                           "process groups + the Python guard")
+                self.unshare = None
         if self.cgroups is not None and self.cgroups.kind is None:
             if self.config.cgroup == "require":
                 raise RuntimeError(f"SandboxConfig.cgroup='require' but no cgroup can be made here: "
@@ -255,6 +267,19 @@ class Sandbox:
                        f"{self.config.max_processes} processes of the run's uid), so a run may hold up to "
                        f"{self.config.max_processes} x {self.config.memory_bytes} bytes")
             self.cgroups = None
+
+    def _namespace_self_test(self) -> str:
+        """'' if a trivial program runs in the namespaces here, else why not. Once per (uid, interpreter):
+        ``unshare`` may be permitted while mounting inside it is not (e.g. an LSM policy on user namespaces)."""
+        key = (os.geteuid(), self.python, self.drop_uid)
+        with _PROBE_LOCK:
+            known = _SELF_TEST.get(key)
+        if known is None:
+            result = self._run("pass", [])
+            known = "" if result.passed else (result.output.strip().splitlines() or [result.status])[-1]
+            with _PROBE_LOCK:
+                _SELF_TEST[key] = known
+        return known
 
     def capabilities(self) -> dict:
         """Which isolation layers this sandbox uses."""
