@@ -71,7 +71,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gdsd_jax.tasks.checks import TRUSTED_NAMES, Step, split_test
-from gdsd_jax.tasks.sandbox_cgroup import cgroup_manager
+from gdsd_jax.tasks.sandbox_cgroup import CgroupManager, cgroup_manager
 
 log = logging.getLogger(__name__)
 
@@ -247,26 +247,30 @@ class Sandbox:
         if self.config.namespaces == "require" and self.unshare is None:
             raise RuntimeError("SandboxConfig.namespaces='require' but Linux namespaces are not available here "
                                "(unshare missing, or unprivileged user namespaces disabled)")
-        self.cgroups = None if self.config.cgroup == "off" else cgroup_manager()
-        if self.unshare is not None:
-            failure = self._namespace_self_test()
-            if failure:
-                if self.config.namespaces == "require":
-                    raise RuntimeError(f"SandboxConfig.namespaces='require' but the sandbox's namespaces could not "
-                                       f"be set up: {failure}")
-                _warn_once(f"sandbox: namespaces are permitted but setting them up failed ({failure}): no network "
-                           "namespace, no private /proc, no minimal filesystem view; falling back to rlimits + "
-                           "process groups + the Python guard")
-                self.unshare = None
-        if self.cgroups is not None and self.cgroups.kind is None:
-            if self.config.cgroup == "require":
-                raise RuntimeError(f"SandboxConfig.cgroup='require' but no cgroup can be made here: "
-                                   f"{self.cgroups.error}")
-            _warn_once(f"sandbox: no per-run memory and process cap ({self.cgroups.error}); each process is "
-                       f"still limited (address space {self.config.memory_bytes} bytes, "
-                       f"{self.config.max_processes} processes of the run's uid), so a run may hold up to "
-                       f"{self.config.max_processes} x {self.config.memory_bytes} bytes")
-            self.cgroups = None
+        self.cgroups = self._per_run_cgroups()
+        if self.unshare is not None and (failure := self._namespace_self_test()):
+            if self.config.namespaces == "require":
+                raise RuntimeError(f"SandboxConfig.namespaces='require' but the sandbox's namespaces could not "
+                                   f"be set up: {failure}")
+            _warn_once(f"sandbox: namespaces are permitted but setting them up failed ({failure}): no network "
+                       "namespace, no private /proc, no minimal filesystem view; falling back to rlimits + "
+                       "process groups + the Python guard")
+            self.unshare = None
+
+    def _per_run_cgroups(self) -> CgroupManager | None:
+        """The cgroup manager, or None (off, or not possible here: a warning once, or an error if required)."""
+        if self.config.cgroup == "off":
+            return None
+        manager = cgroup_manager()
+        if manager.kind is not None:
+            return manager
+        if self.config.cgroup == "require":
+            raise RuntimeError(f"SandboxConfig.cgroup='require' but no cgroup can be made here: {manager.error}")
+        _warn_once(f"sandbox: no per-run memory and process cap ({manager.error}); each process is still limited "
+                   f"(address space {self.config.memory_bytes} bytes, {self.config.max_processes} processes of "
+                   f"the run's uid), so a run may hold up to {self.config.max_processes} x "
+                   f"{self.config.memory_bytes} bytes")
+        return None
 
     def _namespace_self_test(self) -> str:
         """'' if a trivial program runs in the namespaces here, else why not. Once per (uid, interpreter):
@@ -275,8 +279,11 @@ class Sandbox:
         with _PROBE_LOCK:
             known = _SELF_TEST.get(key)
         if known is None:
-            result = self._run("pass", [])
-            known = "" if result.passed else (result.output.strip().splitlines() or [result.status])[-1]
+            try:
+                result = self._run("pass", [])
+                known = "" if result.passed else (result.output.strip().splitlines() or [result.status])[-1]
+            except Exception as exc:  # a host-side failure is reported like a failed run
+                known = f"{type(exc).__name__}: {exc}"
             with _PROBE_LOCK:
                 _SELF_TEST[key] = known
         return known
