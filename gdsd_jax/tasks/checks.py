@@ -12,7 +12,8 @@ uses a name the program or the test defines (``f(3)``, ``s.items``, ``f(3)[0]``,
 over such names) becomes a probe, as a whole. A sub-expression with only trusted names and literals stays in
 the judgement. Other top-level statements of the test (``s = Solution()``) run in the program's process, in
 order; an ``assert`` nested inside another statement (a ``for`` loop) is then decided there, as under the
-official rule.
+official rule, and a name such a statement binds (``expected = [1, 2]``) is a probe: its value comes from
+the program's process too.
 
 Comparison modes of the judgement:
 
