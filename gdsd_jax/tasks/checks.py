@@ -42,10 +42,11 @@ TRUSTED_NAMES = frozenset({
     "math",
 })
 
-PROBE_PREFIX = "_p"
+# Names a judgement uses besides TRUSTED_NAMES: probe values are PROBE_PREFIX + index; strict comparisons
+# call the supervisor's functions STRICT_EQ and STRICT_IN. The host sends these to the supervisor with the job.
+PROBE_PREFIX, STRICT_EQ, STRICT_IN = "_p", "_eq", "_in"
 _RECURSE = (ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.IfExp, ast.Tuple, ast.List, ast.Set, ast.Dict,
             ast.Starred)
-_SCOPES = (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,8 @@ class _Splitter(ast.NodeTransformer):
 
 
 class _Strict(ast.NodeTransformer):
-    """``a == b`` -> ``_eq(a, b)``, ``a in b`` -> ``_in(a, b)`` (negations likewise); chains split with ``and``."""
+    """``a == b`` -> ``_eq(a, b)``, ``a in b`` -> ``_in(a, b)`` (negations likewise); chains split with ``and``
+    (a probe then appears twice in the judgement; it is a value, evaluated once by the program)."""
 
     def visit_Compare(self, node: ast.Compare):
         self.generic_visit(node)
@@ -107,7 +109,7 @@ class _Strict(ast.NodeTransformer):
         left = node.left
         for op, right in zip(node.ops, node.comparators):
             if isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)):
-                fn = "_eq" if isinstance(op, (ast.Eq, ast.NotEq)) else "_in"
+                fn = STRICT_EQ if isinstance(op, (ast.Eq, ast.NotEq)) else STRICT_IN
                 test = ast.Call(func=ast.Name(id=fn, ctx=ast.Load()), args=[left, right], keywords=[])
                 if isinstance(op, (ast.NotEq, ast.NotIn)):
                     test = ast.UnaryOp(op=ast.Not(), operand=test)

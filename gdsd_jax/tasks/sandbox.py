@@ -70,7 +70,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gdsd_jax.tasks.checks import TRUSTED_NAMES, Step, split_test
+from gdsd_jax.tasks.checks import PROBE_PREFIX, STRICT_EQ, STRICT_IN, TRUSTED_NAMES, Step, split_test
 from gdsd_jax.tasks.sandbox_cgroup import CgroupManager, cgroup_manager
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,8 @@ class Sandbox:
                 os.chown(workdir, uid, uid)
             # Sent in two parts: the supervisor reads the judgements only after it started the program's
             # process, so they are never in memory that process holds.
-            verdict = {"judgements": [s.judgement for s in steps if s.run is None], "trusted": sorted(TRUSTED_NAMES)}
+            verdict = {"judgements": [s.judgement for s in steps if s.run is None], "trusted": sorted(TRUSTED_NAMES),
+                       "names": {"probe": PROBE_PREFIX, "eq": STRICT_EQ, "in": STRICT_IN}}
             job = {
                 "source": program,
                 "steps": [{"run": s.run} if s.run is not None else {"probes": list(s.probes)} for s in steps],

@@ -495,18 +495,22 @@ def _strict_in(item, container):
     return item in container
 
 
-def _judge(judgements, trusted, data):
+def _judge(verdict, data):
     """(passed, detail): every judgement evaluated on the decoded probe values of its record."""
     import builtins
     import math
 
-    lines = data.decode("utf-8", errors="strict").splitlines() if len(data) <= _MAX_RECORD_BYTES else None
-    if lines is None:
+    judgements, trusted, names = verdict["judgements"], verdict["trusted"], verdict["names"]
+    if len(data) > _MAX_RECORD_BYTES:
         return False, f"the tested values exceed {_MAX_RECORD_BYTES} bytes"
+    try:
+        lines = data.decode("ascii").splitlines()  # json.dumps writes ASCII
+    except UnicodeDecodeError:
+        return False, "malformed value records"
     if len(lines) != len(judgements):
-        return False, f"the test stopped after {min(len(lines), len(judgements))} of {len(judgements)} checks"
-    names = {n: getattr(builtins, n) for n in trusted if hasattr(builtins, n)}
-    base = {"__builtins__": names, "_eq": _strict_eq, "_in": _strict_in}
+        return False, f"{len(lines)} value records for {len(judgements)} checks (the test did not run to its end)"
+    builtins_ = {n: getattr(builtins, n) for n in trusted if hasattr(builtins, n)}
+    base = {"__builtins__": builtins_, names["eq"]: _strict_eq, names["in"]: _strict_in}
     if "math" in trusted:
         base["math"] = math
     for i, (judgement, line) in enumerate(zip(judgements, lines)):
@@ -514,13 +518,13 @@ def _judge(judgements, trusted, data):
             values = [_decode(v) for v in json.loads(line)]
         except (ValueError, TypeError, RecursionError) as exc:
             return False, f"check {i}: malformed values ({exc})"
-        env = dict(base, **{f"_p{j}": v for j, v in enumerate(values)})
+        env = dict(base, **{f"{names['probe']}{j}": v for j, v in enumerate(values)})
         try:
             ok = bool(eval(compile(judgement, "<judgement>", "eval"), env))
         except Exception as exc:  # noqa: BLE001 - a judgement that raises is a failed check
             return False, f"check {i}: {judgement} raised {type(exc).__name__}: {exc}"[:500]
         if not ok:
-            shown = ", ".join(f"_p{j} = {v!r}"[:200] for j, v in enumerate(values))
+            shown = ", ".join(f"{names['probe']}{j} = {v!r}"[:200] for j, v in enumerate(values))
             return False, f"check {i} failed: {judgement} with {shown}"[:1000]
     return True, ""
 
@@ -634,7 +638,7 @@ def main():
         code = 124
     else:
         exited_ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        passed, detail = _judge(verdict["judgements"], verdict["trusted"], data) if exited_ok else (False, "")
+        passed, detail = _judge(verdict, data) if exited_ok else (False, "")
         _report("passed" if passed else "failed", detail=detail,
                 exit=os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
         code = 0 if passed else 1
