@@ -186,6 +186,25 @@ def f(x):
     "atexit_forge": "import atexit\natexit.register(lambda: _forge(set()))\ndef f(x):\n    raise SystemExit(0)\n",
     "kill_self": "import signal\ndef f(x):\n    _os.kill(_os.getpid(), signal.SIGKILL)\n",
     "result_fd_forgery": "def f(x):\n    _forge({0, 1, 2, 3, 918000000})\n",
+    "malformed_records": """
+def f(x):
+    for fd in range(3, 64):
+        for record in (b"\\xff\\xfe\\n", b'[["int", "0x1"]]\\n[["int", "0x1"]]\\n', b'[["int", 1]]\\n', b"[" * 100000):
+            try:
+                _os.write(fd, record)
+            except OSError:
+                break
+    _os._exit(0)
+""",
+    "deeply_nested_record": """
+def f(x):
+    for fd in range(3, 64):
+        try:
+            _os.write(fd, b"[" * 100000 + b"\\n")
+        except OSError:
+            pass
+    _os._exit(0)
+""",
     "always_equal_object": """
 class A:
     def __eq__(self, other):
@@ -231,6 +250,7 @@ def test_attack_scores_zero(sandbox, name):
     assert str(SECRET) not in program
     result = sandbox.run(program, TEST)
     assert not result.passed, f"{name} forged a pass: {result.output}"
+    assert not result.infrastructure_failure, f"{name} broke the sandbox: {result.output}"
     found = [line for line in result.output.splitlines() if line.startswith("FOUND")]
     assert not any(str(SECRET) in line for line in found), f"{name} found the expected value: {found}"
 
