@@ -343,3 +343,18 @@ def test_namespace_setup_failure_falls_back_with_one_warning(monkeypatch, caplog
     assert _run(boxes[1], "def f(x):\n    return x", "assert f(1) == 1").passed
     with pytest.raises(RuntimeError, match="could not be set up"):
         Sandbox(SandboxConfig(namespaces="require"))
+
+
+def test_stale_cgroups_of_dead_hosts_are_removed(guarded):
+    """A host killed with SIGKILL leaves its empty base cgroups behind; the next host removes them."""
+    from gdsd_jax.tasks import sandbox_cgroup
+
+    _skip_without(guarded, "per_run_cgroup")
+    stale_pid = 9_999_999  # above the kernel's largest pid_max (2**22): no process has it
+    parents = [os.path.dirname(b) for b in sandbox_cgroup.cgroup_manager().bases]
+    stale = [os.path.join(p, f"gdsd-sandbox-{stale_pid}") for p in parents]
+    for d in stale:
+        os.makedirs(os.path.join(d, "run-0123456789ab"))
+    assert all(os.path.isdir(d) for d in stale)
+    assert sandbox_cgroup.CgroupManager().kind is not None  # shares this process's bases; removed at exit
+    assert not any(os.path.exists(d) for d in stale)

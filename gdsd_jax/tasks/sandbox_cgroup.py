@@ -6,7 +6,8 @@ sum. Supported: cgroup v2 with the ``memory`` and ``pids`` controllers delegated
 cgroup (``cgroup.subtree_control``), or the cgroup v1 ``memory`` and ``pids`` hierarchies. The host
 creates ``gdsd-sandbox-<pid>/run-<token>`` below its own cgroup in each hierarchy; the sandbox supervisor
 moves itself into the run's cgroup before it starts the program (so every process of the run is inside
-from its first instruction); the host kills what is left and removes the cgroup after the run.
+from its first instruction); the host kills what is left and removes the cgroup after the run, and removes
+its base cgroups at exit (those of a host killed with SIGKILL are removed by the next host that starts).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 
 _ROOT = "/sys/fs/cgroup"
+_PREFIX = "gdsd-sandbox-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,25 @@ def _own_paths() -> dict[str, str]:
     return paths
 
 
+def _remove_stale(parent: str) -> None:
+    """Remove the (empty) base cgroups of host processes that died without their exit handler (SIGKILL)."""
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.removeprefix(_PREFIX)
+        if entry.startswith(_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            base = os.path.join(parent, entry)
+            for run in os.listdir(base) if os.path.isdir(base) else ():
+                if run.startswith("run-"):
+                    RunCgroup((os.path.join(base, run),)).remove()
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+
+
 def _write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
@@ -92,9 +113,10 @@ class CgroupManager:
 
     def _setup(self) -> None:
         own = _own_paths()
-        name = f"gdsd-sandbox-{os.getpid()}"
+        name = f"{_PREFIX}{os.getpid()}"
         if os.path.exists(os.path.join(_ROOT, "cgroup.controllers")):  # unified (v2) hierarchy
             parent = os.path.join(_ROOT, own.get("", "/").lstrip("/"))
+            _remove_stale(parent)
             base = os.path.join(parent, name)
             os.makedirs(base, exist_ok=True)
             try:
@@ -115,10 +137,16 @@ class CgroupManager:
             mount = os.path.join(_ROOT, controller)
             if controller not in own or not os.path.exists(os.path.join(mount, "cgroup.procs")):
                 raise OSError(f"no cgroup v2 hierarchy and no cgroup v1 {controller!r} hierarchy at {mount}")
+            _remove_stale(os.path.join(mount, own[controller].lstrip("/")))
             base = os.path.join(mount, own[controller].lstrip("/"), name)
             os.makedirs(base, exist_ok=True)
             bases[controller] = base
         self.kind, self._bases = "v1", bases
+
+    @property
+    def bases(self) -> list[str]:
+        """This host process's base cgroup directories (one per hierarchy)."""
+        return list(self._bases.values())
 
     def make(self, memory_bytes: int, max_processes: int) -> RunCgroup:
         """A new run cgroup with its caps set. Raises ``OSError`` if the kernel refuses."""
