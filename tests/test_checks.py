@@ -70,6 +70,15 @@ CASES = [
     ("def f(x):\n    return x", "assert f(1) == 1\nassert f(2) == 2", True),
     ("def f(x):\n    return x", "assert f(1) == 1\nassert f(2) == 3", False),
     ("class A:\n    def __eq__(self, o):\n        return True\ndef f(x):\n    return A()", "assert f(1) == 5", False),
+    ("class I(int):\n    def __eq__(self, o):\n        return True\n    __hash__ = int.__hash__\ndef f(x):\n    return I(0)",
+     "assert f(1) == 5", False),                                                     # its content (0) is compared
+    # subclasses of built-in types: their built-in content in python mode, refused in strict mode
+    ("from collections import Counter\ndef f(x):\n    return Counter('aab')",
+     "assert f(1) == {'a': 2, 'b': 1}", False),
+    ("from collections import OrderedDict\ndef f(x):\n    return OrderedDict(a=[1])", "assert f(1) == {'a': [1]}",
+     False),
+    ("from collections import defaultdict\ndef f(x):\n    d = defaultdict(list)\n    d[1].append(2)\n    return d",
+     "assert f(1) != {1: [3]}", False),
 ]
 
 

@@ -244,15 +244,25 @@ def test_correct_program_passes(sandbox):
     assert result.passed, result.output
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_scores_zero(sandbox, name):
+def _check_attack(sandbox, name, comparison):
     program = FORGE + ATTACKS[name]
     assert str(SECRET) not in program
-    result = sandbox.run(program, TEST)
+    result = sandbox.run(program, TEST, comparison)
     assert not result.passed, f"{name} forged a pass: {result.output}"
     assert not result.infrastructure_failure, f"{name} broke the sandbox: {result.output}"
     found = [line for line in result.output.splitlines() if line.startswith("FOUND")]
     assert not any(str(SECRET) in line for line in found), f"{name} found the expected value: {found}"
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_scores_zero(sandbox, name):
+    _check_attack(sandbox, name, "strict")
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_scores_zero_in_python_mode(name):
+    """The official-rule mode (values of subclasses of built-in types are compared by their content)."""
+    _check_attack(Sandbox(SandboxConfig(timeout_s=5.0, python_guard=False)), name, "python")
 
 
 def test_attacks_score_zero_through_the_code_reward():

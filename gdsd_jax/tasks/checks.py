@@ -22,10 +22,12 @@ Comparison modes of the judgement:
 * ``"python"``: Python's own operators, on the probe values as plain data (the official assert rule for
   every test whose values are built-in data).
 
-In both modes a probe value must be plain data (``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``,
-``bytes`` and ``list``/``tuple``/``set``/``frozenset``/``dict`` of them, exact types): any other value (an
-object of a class the program defines, such as one whose ``__eq__`` always returns True or an ``int``
-subclass; a NumPy scalar or array) fails the test.
+A probe value must be built-in data (``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes``
+and ``list``/``tuple``/``set``/``frozenset``/``dict`` of them). A value of a subclass of one of these
+(``collections.Counter``, ``OrderedDict``, ``defaultdict``, NumPy's ``float64``, an ``int`` subclass
+defining ``__eq__``) fails in ``"strict"`` mode and is compared by its built-in content in ``"python"`` mode;
+any other object (a class of the program, a NumPy integer or array) fails in both. No method of the
+program's objects (``__eq__``, ``__hash__``) ever runs in the judgement.
 """
 
 from __future__ import annotations

@@ -316,12 +316,12 @@ class Sandbox:
         except SyntaxError as exc:
             return RunResult(False, "failed", None, f"the test does not parse: {exc}", 0.0, {})
         try:
-            return self._run(program, steps)
+            return self._run(program, steps, exact_types=comparison == "strict")
         except Exception as exc:  # never let the host crash on a sandbox problem; report it
             log.warning("sandbox run failed on the host side: %r", exc)
             return RunResult(False, "error", None, f"{type(exc).__name__}: {exc}", 0.0, {})
 
-    def _run(self, program: str, steps: list[Step]) -> RunResult:
+    def _run(self, program: str, steps: list[Step], exact_types: bool = True) -> RunResult:
         cfg = self.config
         start = time.monotonic()
         workdir = tempfile.mkdtemp(prefix="gdsd-sbx-")
@@ -338,7 +338,7 @@ class Sandbox:
             # Sent in two parts: the supervisor reads the judgements only after it started the program's
             # process, so they are never in memory that process holds.
             verdict = {"judgements": [s.judgement for s in steps if s.run is None], "trusted": sorted(TRUSTED_NAMES),
-                       "names": {"probe": PROBE_PREFIX, "eq": STRICT_EQ, "in": STRICT_IN}}
+                       "names": {"probe": PROBE_PREFIX, "eq": STRICT_EQ, "in": STRICT_IN}, "exact_types": exact_types}
             job = {
                 "source": program,
                 "steps": [{"run": s.run} if s.run is not None else {"probes": list(s.probes)} for s in steps],

@@ -34,6 +34,7 @@ _status = {"layers": {}}
 _status_fd = None
 _MAX_RECORD_BYTES = 8 << 20  # all probe values of one run, as JSON
 _MAX_DEPTH = 64  # nesting of a probe value
+_BUILTIN_BASES = (bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
 
 
 def _report(outcome, **extra):
@@ -339,7 +340,8 @@ def _install_guard(workdir, read_roots, max_write_files):
 
 
 def _encode(value, depth=0):
-    """A probe value as JSON-able tagged data; only exact built-in types (no subclass, no user object)."""
+    """A probe value as JSON-able tagged data: built-in values, and subclasses of built-in types as their
+    built-in content tagged with the subclass's name; anything else raises (the check fails)."""
     t = type(value)
     if depth > _MAX_DEPTH:
         raise ValueError("the value is nested too deeply")
@@ -359,6 +361,9 @@ def _encode(value, depth=0):
         return [t.__name__, [_encode(x, depth + 1) for x in value]]
     if t is dict:
         return ["dict", [[_encode(k, depth + 1), _encode(x, depth + 1)] for k, x in value.items()]]
+    for base in _BUILTIN_BASES:  # a subclass (collections.Counter, NumPy's float64): its built-in content
+        if isinstance(value, base):
+            return ["sub", f"{t.__module__}.{t.__qualname__}", _encode(base(value), depth + 1)]
     raise TypeError(f"a tested value must be plain data, got an object of type {t.__module__}.{t.__qualname__}")
 
 
@@ -452,13 +457,18 @@ def _supervise(timeout_s, pid, result_r):
     return status, bytes(data)
 
 
-def _decode(item, depth=0):
-    """Inverse of :func:`_encode`, accepting nothing else (the bytes come from the untrusted process)."""
+def _decode(item, exact, depth=0):
+    """Inverse of :func:`_encode`, accepting nothing else (the bytes come from the untrusted process). With
+    ``exact`` a subclass of a built-in type is refused; otherwise it decodes to its built-in content."""
     if depth > _MAX_DEPTH or not isinstance(item, list) or not item or not isinstance(item[0], str):
         raise ValueError("malformed value")
     tag, rest = item[0], item[1:]
     if tag == "none" and not rest:
         return None
+    if tag == "sub" and len(rest) == 2 and type(rest[0]) is str:
+        if exact:
+            raise ValueError(f"a value of type {rest[0]}: strict comparison needs exact built-in types")
+        return _decode(rest[1], exact, depth + 1)
     (arg,) = rest
     if tag == "bool" and type(arg) is bool:
         return arg
@@ -467,9 +477,9 @@ def _decode(item, depth=0):
                 "bytes": bytes.fromhex}[tag](arg)
     if tag in ("list", "tuple", "set", "frozenset") and type(arg) is list:
         return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](
-            _decode(x, depth + 1) for x in arg)
+            _decode(x, exact, depth + 1) for x in arg)
     if tag == "dict" and type(arg) is list:
-        return {_decode(k, depth + 1): _decode(v, depth + 1) for k, v in arg}
+        return {_decode(k, exact, depth + 1): _decode(v, exact, depth + 1) for k, v in arg}
     raise ValueError(f"malformed value of tag {tag!r}")
 
 
@@ -515,7 +525,7 @@ def _judge(verdict, data):
         base["math"] = math
     for i, (judgement, line) in enumerate(zip(judgements, lines)):
         try:
-            values = [_decode(v) for v in json.loads(line)]
+            values = [_decode(v, verdict["exact_types"]) for v in json.loads(line)]
         except (ValueError, TypeError, RecursionError) as exc:
             return False, f"check {i}: malformed values ({exc})"
         env = dict(base, **{f"{names['probe']}{j}": v for j, v in enumerate(values)})
