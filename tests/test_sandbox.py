@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -327,7 +328,7 @@ def test_namespace_setup_failure_falls_back_with_one_warning(monkeypatch, caplog
     import gdsd_jax.tasks.sandbox as sandbox_module
 
     _skip_without(guarded, "minimal_root")
-    child = open(sandbox_module._CHILD).read()
+    child = Path(sandbox_module._CHILD).read_text()
     marker = '_mount(libc, ctypes, "none", "/", None, _MS_REC | _MS_PRIVATE)'
     assert marker in child
     broken = tmp_path / "sandbox_child.py"

@@ -70,7 +70,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gdsd_jax.tasks.checks import PROBE_PREFIX, STRICT_EQ, STRICT_IN, TRUSTED_NAMES, Step, split_test
+from gdsd_jax.tasks.checks import (
+    PROBE_PREFIX,
+    STRICT_EQ,
+    STRICT_IN,
+    TRUSTED_NAMES,
+    Step,
+    split_test,
+)
 from gdsd_jax.tasks.sandbox_cgroup import CgroupManager, cgroup_manager
 
 log = logging.getLogger(__name__)
