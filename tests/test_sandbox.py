@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,9 +60,9 @@ def _live_processes_of_uid(uid):
     return found
 
 
-def _run(sandbox, source):
+def _run(sandbox, source, test=""):
     start = time.monotonic()
-    result = sandbox.run(source)
+    result = sandbox.run(source, test)
     elapsed = time.monotonic() - start
     assert elapsed < BOUND, f"run took {elapsed:.1f}s"
     uid = result.layers.get("unprivileged_uid")
@@ -94,10 +95,9 @@ def test_legit_programs_pass_and_failures_fail(guarded):
     assert "hello from the sandbox" in results[0].output
 
 
-@pytest.mark.parametrize("source", ["import os\nos._exit(0)\nassert False", "import sys\nsys.exit(0)\nassert False",
-                                    "raise SystemExit\nassert False"])
+@pytest.mark.parametrize("source", ["import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"])
 def test_early_exit_cannot_fake_a_pass(guarded, source):
-    assert not _run(guarded, source).passed
+    assert not _run(guarded, source, "assert False").passed
 
 
 @pytest.mark.parametrize("box", ["guarded", "unguarded", "fallback", "fallback_unguarded"])
@@ -216,3 +216,146 @@ def test_config_validation():
         SandboxConfig(timeout_s=0)
     with pytest.raises(ValueError, match="max_processes"):
         SandboxConfig(max_processes=1)
+
+
+# ---- the OS layers on their own (no Python guard): private /proc, minimal filesystem view, per-run caps ----
+
+def _skip_without(sandbox, layer):
+    if not sandbox.capabilities()[layer]:
+        reason = sandbox.cgroups.error if layer == "per_run_cgroup" and sandbox.cgroups else "no usable namespaces"
+        pytest.skip(f"this host cannot provide the {layer} layer ({reason})")
+
+
+def test_proc_shows_only_the_runs_processes(unguarded):
+    _skip_without(unguarded, "private_proc")
+    src = ("import os\n"
+           "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+           "print('PIDS', pids)\n"
+           "for p in pids:\n"
+           "    print('CMD', open(f'/proc/{p}/cmdline', 'rb').read().replace(b'\\0', b' ').decode())\n")
+    result = _run(unguarded, src)
+    assert result.passed, result.output
+    pids = eval(next(line for line in result.output.splitlines() if line.startswith("PIDS"))[5:])
+    assert pids == [1, 2], pids  # the supervisor and the program, nothing of the host
+    assert "pytest" not in result.output and str(os.getpid()) not in pids
+
+
+@pytest.mark.parametrize("box", ["guarded", "unguarded"])
+def test_host_files_and_the_dataset_are_not_visible(box, request, tmp_path):
+    sandbox = request.getfixturevalue(box)
+    _skip_without(sandbox, "minimal_root")
+    from gdsd_jax.tasks.code import CodeTask
+
+    dataset = tmp_path / "code_train.jsonl"
+    dataset.write_text('{"question": "q", "test_cases": ["assert f(1) == 424242"]}\n')
+    host_file = tmp_path / "host.txt"
+    host_file.write_text("host-secret-777")
+    for p in (tmp_path, dataset, host_file):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)  # world-readable: only the filesystem view can hide them
+    task = CodeTask(train_file=str(dataset))
+    targets = [task.files["train"], str(host_file), __file__]
+    src = "import sys\n" + "".join(
+        f"try:\n    print(open({t!r}).read()[:200])\nexcept OSError as e:\n    print('refused', type(e).__name__)\n"
+        for t in targets)
+    result = _run(sandbox, src)
+    assert "424242" not in result.output and "host-secret-777" not in result.output
+    assert "gdsd_jax" not in result.output  # this test file's own text
+    assert result.output.count("refused") == 3, result.output
+
+
+def _alloc_in_children(children, mib, hold_s):
+    return ("import os, time\n"
+            "pids = []\n"
+            f"for _ in range({children}):\n"
+            "    try:\n"
+            "        pid = os.fork()\n"
+            "    except OSError:\n"
+            "        break\n"
+            "    if pid == 0:\n"
+            f"        block = b'x' * ({mib} << 20)  # written, so resident\n"
+            f"        time.sleep({hold_s})\n"
+            "        os._exit(0)\n"
+            "    pids.append(pid)\n"
+            "ok = sum(os.WIFEXITED(s) and os.WEXITSTATUS(s) == 0 for s in (os.waitpid(p, 0)[1] for p in pids))\n"
+            "print('STARTED', len(pids), 'HELD', ok)\n")
+
+
+def _counts(output):
+    line = next(line for line in output.splitlines() if line.startswith("STARTED"))
+    _, started, _, held = line.split()
+    return int(started), int(held)
+
+
+def test_memory_cap_is_per_run_not_per_process():
+    """6 processes x 150 MiB, each under the 256 MiB per-process limit: the run's cap stops all but one."""
+    sandbox = Sandbox(SandboxConfig(timeout_s=6.0, python_guard=False, memory_bytes=256 << 20))
+    _skip_without(sandbox, "per_run_cgroup")
+    result = _run(sandbox, _alloc_in_children(6, 150, 1))
+    started, held = _counts(result.output)
+    assert started == 6 and held <= 1, result.output
+
+
+def test_process_cap_is_per_run_even_without_a_uid_change():
+    """Without the per-run uid, root is exempt from RLIMIT_NPROC: the run's pids cgroup still caps it."""
+    sandbox = Sandbox(SandboxConfig(timeout_s=6.0, python_guard=False, drop_uid=False, max_processes=8))
+    _skip_without(sandbox, "per_run_cgroup")
+    result = _run(sandbox, _alloc_in_children(40, 1, 1))
+    started, _ = _counts(result.output)
+    assert started <= 8 - 2, result.output  # the supervisor and the program count too
+
+
+def test_missing_cgroup_layer_warns_once(monkeypatch, caplog):
+    import gdsd_jax.tasks.sandbox as sandbox_module
+
+    class NoCgroup:
+        kind, error = None, "cgroup v2 controllers ['memory'] are not enabled (test)"
+
+    monkeypatch.setattr(sandbox_module, "cgroup_manager", lambda: NoCgroup())
+    monkeypatch.setattr(sandbox_module, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="gdsd_jax.tasks.sandbox"):
+        first = Sandbox(SandboxConfig(timeout_s=TIMEOUT))
+        Sandbox(SandboxConfig(timeout_s=TIMEOUT))
+    warnings = [r.getMessage() for r in caplog.records if "per-run memory" in r.getMessage()]
+    assert len(warnings) == 1 and "not enabled (test)" in warnings[0]
+    assert not first.capabilities()["per_run_cgroup"]
+    assert _run(first, "pass", "assert 1 + 1 == 2").passed
+    with pytest.raises(RuntimeError, match="cgroup='require'"):
+        Sandbox(SandboxConfig(cgroup="require"))
+
+
+def test_namespace_setup_failure_falls_back_with_one_warning(monkeypatch, caplog, tmp_path, guarded):
+    """``unshare`` permitted but mounting refused (e.g. an LSM policy): one warning, then the fallback."""
+    import gdsd_jax.tasks.sandbox as sandbox_module
+
+    _skip_without(guarded, "minimal_root")
+    child = Path(sandbox_module._CHILD).read_text()
+    marker = '_mount(libc, ctypes, "none", "/", None, _MS_REC | _MS_PRIVATE)'
+    assert marker in child
+    broken = tmp_path / "sandbox_child.py"
+    broken.write_text(child.replace(marker, 'raise PermissionError(1, "mount refused (test)")'))
+    monkeypatch.setattr(sandbox_module, "_CHILD", str(broken))
+    monkeypatch.setattr(sandbox_module, "_SELF_TEST", {})
+    monkeypatch.setattr(sandbox_module, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="gdsd_jax.tasks.sandbox"):
+        boxes = [Sandbox(SandboxConfig(timeout_s=TIMEOUT)) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records if "setting them up failed" in r.getMessage()]
+    assert len(warnings) == 1 and "mount refused (test)" in warnings[0] and "private /proc" in warnings[0]
+    assert not boxes[0].capabilities()["minimal_root"]
+    assert _run(boxes[1], "def f(x):\n    return x", "assert f(1) == 1").passed
+    with pytest.raises(RuntimeError, match="could not be set up"):
+        Sandbox(SandboxConfig(namespaces="require"))
+
+
+def test_stale_cgroups_of_dead_hosts_are_removed(guarded):
+    """A host killed with SIGKILL leaves its empty base cgroups behind; the next host removes them."""
+    from gdsd_jax.tasks import sandbox_cgroup
+
+    _skip_without(guarded, "per_run_cgroup")
+    stale_pid = 9_999_999  # above the kernel's largest pid_max (2**22): no process has it
+    parents = [os.path.dirname(b) for b in sandbox_cgroup.cgroup_manager().bases]
+    stale = [os.path.join(p, f"gdsd-sandbox-{stale_pid}") for p in parents]
+    for d in stale:
+        os.makedirs(os.path.join(d, "run-0123456789ab"))
+    assert all(os.path.isdir(d) for d in stale)
+    assert sandbox_cgroup.CgroupManager().kind is not None  # shares this process's bases; removed at exit
+    assert not any(os.path.exists(d) for d in stale)

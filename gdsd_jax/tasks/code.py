@@ -9,9 +9,13 @@ Rewards (maximum total 2.0):
   block (nothing but an optional newline after it) whose code parses with :mod:`ast`; 0.5 if it does not
   parse (SyntaxError); 0 otherwise;
 * ``code_pass_rate``: only when the format reward is 1.0: the fraction of the example's test cases that
-  pass, each run as ``program + "\\n" + test`` in the :mod:`~gdsd_jax.tasks.sandbox` (1 s per test by
-  default, 4 programs in parallel). Programs containing ``import os``, ``threading``, ``multiprocessing``,
-  ``shutil``, ``torch`` or ``sklearn`` score 0 without running (official rule).
+  pass, each run after the program in the :mod:`~gdsd_jax.tasks.sandbox` (1 s per test by default, 4
+  programs in parallel). Programs containing ``import os``, ``threading``, ``multiprocessing``, ``shutil``,
+  ``torch`` or ``sklearn`` score 0 without running (official rule). A test's checks are judged outside the
+  program's process, on the values it computed (:mod:`~gdsd_jax.tasks.checks`); ``comparison="strict"``
+  (default) also requires the type of each compared value to match (``2.0 == 2`` fails, and no object of the
+  program decides a comparison), ``comparison="python"`` compares with Python's ``==`` like the official
+  assert, for evaluation parity.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 from collections.abc import Sequence
 
 from gdsd_jax.tasks.base import Task, WeightedReward
+from gdsd_jax.tasks.checks import COMPARISONS
 from gdsd_jax.tasks.files import is_nonempty_str, is_nonempty_str_list, load_rows
 from gdsd_jax.tasks.sandbox import Sandbox, SandboxConfig, default_sandbox
 
@@ -72,7 +77,11 @@ class CodePassRate:
 
     __name__ = "code_pass_rate"
 
-    def __init__(self, sandbox: Sandbox | None = None, banned: Sequence[str] = BANNED_SUBSTRINGS):
+    def __init__(self, sandbox: Sandbox | None = None, banned: Sequence[str] = BANNED_SUBSTRINGS,
+                 comparison: str = "strict"):
+        if comparison not in COMPARISONS:
+            raise ValueError(f"code task: comparison must be one of {COMPARISONS}, got {comparison!r}")
+        self.comparison = comparison
         self._sandbox = sandbox
         self.banned = tuple(banned)
         self.last_failures = 0
@@ -85,7 +94,7 @@ class CodePassRate:
         return self._sandbox
 
     def __call__(self, completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
-        jobs: list[tuple[int, str]] = []  # (completion index, source)
+        jobs: list[tuple[int, str, str]] = []  # (completion index, program, test)
         for i, (text, ex) in enumerate(zip(completions, examples)):
             if format_score(text) < 1.0:
                 continue
@@ -94,13 +103,13 @@ class CodePassRate:
                 continue
             tests = ex.get("test_cases") or []
             for test in tests:
-                jobs.append((i, program + "\n" + str(test)))
-        results = self.sandbox.run_many([src for _, src in jobs]) if jobs else []
+                jobs.append((i, program, str(test)))
+        results = self.sandbox.run_many([j[1] for j in jobs], [j[2] for j in jobs], self.comparison) if jobs else []
         self.last_results = results
         self.last_failures = sum(r.infrastructure_failure for r in results)
         passed = [0] * len(completions)
         counts = [0] * len(completions)
-        for (i, _), r in zip(jobs, results):
+        for (i, _, _), r in zip(jobs, results):
             counts[i] += 1
             passed[i] += int(r.passed)
         return [passed[i] / counts[i] if counts[i] else 0.0 for i in range(len(completions))]
@@ -113,16 +122,18 @@ class CodeTask(Task):
       train_file / test_file: JSONL (or Parquet) with ``question`` and ``test_cases``.
       sandbox: a :class:`~gdsd_jax.tasks.sandbox.Sandbox`, or ``sandbox_config`` to build one (default: the
         process-wide default sandbox).
+      comparison: ``"strict"`` (default, for training: type and value must match) or ``"python"`` (the
+        official assert rule on built-in values, for evaluation parity); see the module docstring.
     """
 
     name = "code"
 
     def __init__(self, *, train_file=None, test_file=None, sandbox: Sandbox | None = None,
-                 sandbox_config: SandboxConfig | None = None):
+                 sandbox_config: SandboxConfig | None = None, comparison: str = "strict"):
         self.files = {"train": train_file, "test": test_file}
         if sandbox is None and sandbox_config is not None:
             sandbox = Sandbox(sandbox_config)
-        self.pass_rate = CodePassRate(sandbox)
+        self.pass_rate = CodePassRate(sandbox, comparison=comparison)
         self._cache: dict[str, list[dict]] = {}
 
     def examples(self, split: str) -> list[dict]:

@@ -9,11 +9,17 @@ Each run is a separate process tree started in its own session (process group) w
   file size, number of processes, open files, no core files;
 * **a fresh temporary working directory**, removed afterwards;
 * **Linux namespaces where the kernel allows them** (probed once with ``unshare``): a new network namespace
-  (no interface except a down loopback: no network at all), a new PID namespace (the supervisor is PID 1,
-  so when it exits every process the program started dies with it), a new mount namespace in which every
-  mount is made read-only and the work directory is a size-limited tmpfs (nothing the program writes
-  reaches the host's disks). As root, ``unshare`` works directly; as another user it needs unprivileged user
-  namespaces (``unshare --user --map-root-user``), and then the sandbox root drops all capabilities;
+  (no interface except a down loopback: no network at all); a new PID namespace with its own ``/proc``
+  mounted (the supervisor is PID 1, so when it exits every process the program started dies with it, and
+  the program sees only the run's processes); a new mount namespace with a minimal root (``pivot_root``
+  into a read-only tmpfs holding read-only bind mounts of the interpreter's install and the system's shared
+  libraries, four ``/dev`` nodes, the private ``/proc`` and a size-limited tmpfs ``/tmp`` as the work
+  directory: no other host file, the task's dataset included, exists for the program). As root, ``unshare``
+  works directly; as another user it needs unprivileged user namespaces (``unshare --user
+  --map-root-user``), and then the program's process drops all capabilities;
+* **a cgroup per run** where one can be made (:mod:`~gdsd_jax.tasks.sandbox_cgroup`: cgroup v2, or the v1
+  ``memory`` and ``pids`` controllers): ``memory_bytes`` caps the memory of every process of the run
+  together, ``max_processes`` their number (without it a run could hold ``max_processes x memory_bytes``);
 * **an unprivileged uid** when the host process runs as root: root is exempt from ``RLIMIT_NPROC``, so a
   fork bomb would not be contained otherwise. Each run gets a fresh random uid (no other process has it),
   which makes the process limit count exactly the program's processes, and file permissions deny writes to
@@ -22,21 +28,31 @@ Each run is a separate process tree started in its own session (process group) w
   it refuses ``fork``/``exec``/``subprocess``/``os.system``, sockets, ``ctypes``, and file access outside the
   work directory except reading the interpreter's own library directories.
 
-Fallbacks: without usable namespaces (``unshare`` missing, or user namespaces disabled for non-root users)
-there is no network namespace: network access is then blocked only by the Python guard (socket creation is
-refused), files the program writes land in a host temporary directory (bounded by the file-size limit and
-the guard's limit on files opened for writing), and leftover processes are found and killed by uid (root)
-or by process group. ``SandboxConfig(namespaces="require")`` turns the fallback into an error.
-:meth:`Sandbox.capabilities` and every :class:`RunResult` say which layers were active.
+Fallbacks, each announced once by a warning naming the missing layer: without usable namespaces
+(``unshare`` missing, user namespaces disabled for non-root users, or a first trivial run in them failing,
+e.g. because mounting is refused) there is no network namespace, no
+private ``/proc`` and no minimal root: network access and reading host files are then blocked only by the
+Python guard (and, as root, file permissions against the run's uid), files the program writes land in a
+host temporary directory (bounded by the file-size limit and the guard's limit on files opened for
+writing), and leftover processes are found and killed by uid (root) or by process group. Without a cgroup
+(no delegated controllers, e.g. an unprivileged user under cgroup v2 without a delegated subtree) memory is
+bounded per process only. ``SandboxConfig(namespaces="require")`` / ``cgroup="require"`` turn a fallback
+into an error. :meth:`Sandbox.capabilities` and every :class:`RunResult` say which layers were active.
 
-A program *passes* only if its process exits 0 after running to the end of its source (the supervisor
-checks a nonce the program writes after the last statement), so ``os._exit(0)`` / ``sys.exit(0)`` before the
-tests cannot fake a pass.
+**The verdict.** :meth:`Sandbox.run` takes the program and its test separately. The test is split
+(:mod:`~gdsd_jax.tasks.checks`) into probes, the expressions the program's process evaluates (``f(3)``),
+and judgements, evaluated by the supervisor on the probe values sent back as plain data
+(``_p0 == [1, 2]``). The judgements reach the supervisor only after the program's process was forked from
+it, the supervisor is not dumpable (no ``ptrace`` or ``/proc/1/mem``) and keeps its privileges while the
+program's process drops them. So nothing in the program's reach holds an expected value or can write a
+verdict: at most it can report values, which is what solving the task means. Exiting early leaves checks
+without values: a failure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -54,6 +70,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from gdsd_jax.tasks.checks import (
+    PROBE_PREFIX,
+    STRICT_EQ,
+    STRICT_IN,
+    TRUSTED_NAMES,
+    Step,
+    split_test,
+)
+from gdsd_jax.tasks.sandbox_cgroup import CgroupManager, cgroup_manager
+
 log = logging.getLogger(__name__)
 
 _CHILD = str(Path(__file__).with_name("sandbox_child.py"))
@@ -68,14 +94,17 @@ class SandboxConfig:
       timeout_s: wall-clock seconds the program may run (the official code reward uses 1 s per test).
       startup_grace_s: extra wall-clock seconds the host allows for interpreter start-up and set-up.
       cpu_s: CPU-seconds limit (default ``ceil(timeout_s) + 1``).
-      memory_bytes: address-space limit of the program's process.
+      memory_bytes: address-space limit of each of the program's processes, and memory cap of the whole run
+        (every process together) where a cgroup is available.
       file_size_bytes: largest file the program may write (beyond: SIGXFSZ kills it).
-      max_processes: process limit of the run's uid (supervisor and program included).
+      max_processes: process limit of the run (its cgroup, and the run's uid; supervisor and program included).
       max_open_files: open file descriptors.
       tmpfs_bytes: size of the tmpfs work directory (namespace mode).
       max_write_files: files the Python guard lets the program open for writing.
       num_workers: programs run in parallel by :meth:`Sandbox.run_many`.
       namespaces: ``"auto"`` (use if the kernel allows), ``"require"`` (error otherwise) or ``"off"``.
+      cgroup: per-run memory (``memory_bytes``) and process (``max_processes``) caps of the whole run in a
+        cgroup (v2, or the v1 ``memory`` and ``pids`` controllers): ``"auto"``, ``"require"`` or ``"off"``.
       drop_uid: ``"auto"`` (when running as root), True (error if not root) or False.
       python_guard: install the audit-hook guard.
       max_output_bytes: program output kept in :class:`RunResult` (the rest is read and discarded).
@@ -93,6 +122,7 @@ class SandboxConfig:
     max_write_files: int = 64
     num_workers: int = 4
     namespaces: str = "auto"
+    cgroup: str = "auto"
     drop_uid: str | bool = "auto"
     python_guard: bool = True
     max_output_bytes: int = 64 << 10
@@ -102,8 +132,10 @@ class SandboxConfig:
         if self.timeout_s <= 0 or self.startup_grace_s < 0:
             raise ValueError(f"SandboxConfig: timeout_s must be > 0 and startup_grace_s >= 0, got "
                              f"{self.timeout_s}, {self.startup_grace_s}")
-        if self.namespaces not in ("auto", "require", "off"):
-            raise ValueError(f"SandboxConfig.namespaces must be 'auto', 'require' or 'off', got {self.namespaces!r}")
+        for name in ("namespaces", "cgroup"):
+            if getattr(self, name) not in ("auto", "require", "off"):
+                raise ValueError(f"SandboxConfig.{name} must be 'auto', 'require' or 'off', "
+                                 f"got {getattr(self, name)!r}")
         if self.drop_uid not in ("auto", True, False):
             raise ValueError(f"SandboxConfig.drop_uid must be 'auto', True or False, got {self.drop_uid!r}")
         for name in ("memory_bytes", "file_size_bytes", "max_processes", "max_open_files", "tmpfs_bytes",
@@ -133,6 +165,7 @@ class RunResult:
 
 _PROBE_LOCK = threading.Lock()
 _PROBE_CACHE: dict[tuple, list[str] | None] = {}
+_SELF_TEST: dict[tuple, str] = {}  # (euid, interpreter, drop_uid) -> "" or why the namespaces do not work
 
 
 def _unshare_flags(python: str) -> list[str] | None:
@@ -160,9 +193,22 @@ def _unshare_flags(python: str) -> list[str] | None:
                     break
         _PROBE_CACHE[key] = result
         if result is None:
-            log.warning("sandbox: Linux namespaces unavailable (unshare missing or not permitted); falling back "
-                        "to rlimits + process groups + the Python guard (no network namespace)")
+            log.warning("sandbox: Linux namespaces unavailable (unshare missing or not permitted): no network "
+                        "namespace, no PID namespace with a private /proc, no minimal filesystem view; falling "
+                        "back to rlimits + process groups + the Python guard")
         return result
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a missing isolation layer once per process (every Sandbox shares the host's capabilities)."""
+    with _PROBE_LOCK:
+        if message in _WARNED:
+            return
+        _WARNED.add(message)
+    log.warning(message)
 
 
 def _kill_uid(uid: int) -> int:
@@ -208,6 +254,46 @@ class Sandbox:
         if self.config.namespaces == "require" and self.unshare is None:
             raise RuntimeError("SandboxConfig.namespaces='require' but Linux namespaces are not available here "
                                "(unshare missing, or unprivileged user namespaces disabled)")
+        self.cgroups = self._per_run_cgroups()
+        if self.unshare is not None and (failure := self._namespace_self_test()):
+            if self.config.namespaces == "require":
+                raise RuntimeError(f"SandboxConfig.namespaces='require' but the sandbox's namespaces could not "
+                                   f"be set up: {failure}")
+            _warn_once(f"sandbox: namespaces are permitted but setting them up failed ({failure}): no network "
+                       "namespace, no private /proc, no minimal filesystem view; falling back to rlimits + "
+                       "process groups + the Python guard")
+            self.unshare = None
+
+    def _per_run_cgroups(self) -> CgroupManager | None:
+        """The cgroup manager, or None (off, or not possible here: a warning once, or an error if required)."""
+        if self.config.cgroup == "off":
+            return None
+        manager = cgroup_manager()
+        if manager.kind is not None:
+            return manager
+        if self.config.cgroup == "require":
+            raise RuntimeError(f"SandboxConfig.cgroup='require' but no cgroup can be made here: {manager.error}")
+        _warn_once(f"sandbox: no per-run memory and process cap ({manager.error}); each process is still limited "
+                   f"(address space {self.config.memory_bytes} bytes, {self.config.max_processes} processes of "
+                   f"the run's uid), so a run may hold up to {self.config.max_processes} x "
+                   f"{self.config.memory_bytes} bytes")
+        return None
+
+    def _namespace_self_test(self) -> str:
+        """'' if a trivial program runs in the namespaces here, else why not. Once per (uid, interpreter):
+        ``unshare`` may be permitted while mounting inside it is not (e.g. an LSM policy on user namespaces)."""
+        key = (os.geteuid(), self.python, self.drop_uid)
+        with _PROBE_LOCK:
+            known = _SELF_TEST.get(key)
+        if known is None:
+            try:
+                result = self._run("pass", [])
+                known = "" if result.passed else (result.output.strip().splitlines() or [result.status])[-1]
+            except Exception as exc:  # a host-side failure is reported like a failed run
+                known = f"{type(exc).__name__}: {exc}"
+            with _PROBE_LOCK:
+                _SELF_TEST[key] = known
+        return known
 
     def capabilities(self) -> dict:
         """Which isolation layers this sandbox uses."""
@@ -216,6 +302,9 @@ class Sandbox:
             "network_namespace": self.unshare is not None,
             "pid_namespace": self.unshare is not None,
             "mount_namespace": self.unshare is not None,
+            "private_proc": self.unshare is not None,
+            "minimal_root": self.unshare is not None,
+            "per_run_cgroup": self.cgroups is not None,
             "unprivileged_uid": self.drop_uid,
             "python_guard": self.config.python_guard,
             "rlimits": True,
@@ -223,35 +312,50 @@ class Sandbox:
 
     # ---- one run ----
 
-    def run(self, source: str) -> RunResult:
-        """Run ``source`` (program then its test, one Python file) and report whether it passed."""
+    def run(self, program: str, test: str = "", comparison: str = "strict") -> RunResult:
+        """Run ``program``, then ``test`` (Python source, usually ``assert`` statements), and report whether
+        it passed: the program ran, every step of the test ran, and every check held when judged by the
+        supervisor (see :mod:`gdsd_jax.tasks.checks`; ``comparison``: ``"strict"`` or ``"python"``). With no
+        test, a run passes when the program runs to its end without an exception (a claim the program could
+        make itself: use a test to decide anything)."""
         try:
-            return self._run(source)
+            steps = split_test(test, comparison)
+        except SyntaxError as exc:
+            return RunResult(False, "failed", None, f"the test does not parse: {exc}", 0.0, {})
+        try:
+            return self._run(program, steps, exact_types=comparison == "strict")
         except Exception as exc:  # never let the host crash on a sandbox problem; report it
             log.warning("sandbox run failed on the host side: %r", exc)
             return RunResult(False, "error", None, f"{type(exc).__name__}: {exc}", 0.0, {})
 
-    def _run(self, source: str) -> RunResult:
+    def _run(self, program: str, steps: list[Step], exact_types: bool = True) -> RunResult:
         cfg = self.config
         start = time.monotonic()
         workdir = tempfile.mkdtemp(prefix="gdsd-sbx-")
         uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if self.drop_uid else None
         status_r, status_w = os.pipe()
         proc = None
+        cgroup = None
         try:
+            if self.cgroups is not None:
+                cgroup = self.cgroups.make(cfg.memory_bytes, cfg.max_processes)
             os.chmod(workdir, 0o700)
             if uid is not None:
                 os.chown(workdir, uid, uid)
+            # Sent in two parts: the supervisor reads the judgements only after it started the program's
+            # process, so they are never in memory that process holds.
+            verdict = {"judgements": [s.judgement for s in steps if s.run is None], "trusted": sorted(TRUSTED_NAMES),
+                       "names": {"probe": PROBE_PREFIX, "eq": STRICT_EQ, "in": STRICT_IN}, "exact_types": exact_types}
             job = {
-                "source": source,
-                "nonce": secrets.token_hex(16),
+                "source": program,
+                "steps": [{"run": s.run} if s.run is not None else {"probes": list(s.probes)} for s in steps],
+                "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
                 "workdir": workdir,
                 "timeout_s": cfg.timeout_s,
                 "status_fd": status_w,
                 "uid": uid,
                 "namespaces": self.unshare is not None,
                 "drop_caps": self.unshare is not None and os.geteuid() != 0,
-                "ro_root": True,
                 "tmpfs_bytes": cfg.tmpfs_bytes,
                 "guard": cfg.python_guard,
                 "max_write_files": cfg.max_write_files,
@@ -270,8 +374,9 @@ class Sandbox:
                                     pass_fds=(status_w,), start_new_session=True, env=env, cwd=workdir)
             os.close(status_w)
             status_w = -1
+            first = json.dumps(job).encode("utf-8")
             try:
-                proc.stdin.write(json.dumps(job).encode("utf-8"))
+                proc.stdin.write(b"%016d" % len(first) + first + json.dumps(verdict).encode("utf-8"))
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
@@ -283,6 +388,8 @@ class Sandbox:
                 os.close(status_w)
             status_line = self._read_status(status_r)
             os.close(status_r)
+            if cgroup is not None:
+                cgroup.remove()
             _rmtree(workdir)
         duration = time.monotonic() - start
         status = status_line.get("outcome") or ("timeout" if timed_out else "error")
@@ -292,8 +399,9 @@ class Sandbox:
         if status == "passed" and not passed:
             status = "failed"
         layers = dict(status_line.get("layers", {}))
+        if status_line.get("detail"):
+            output = (output + "\n" + status_line["detail"]).strip()
         if status == "setup_error":
-            output = (output + "\n" + status_line.get("detail", "")).strip()
             log.warning("sandbox set-up failed: %s", status_line.get("detail"))
         return RunResult(passed, status, proc.returncode, output, duration, layers)
 
@@ -378,15 +486,20 @@ class Sandbox:
 
     # ---- many runs ----
 
-    def run_many(self, sources: Sequence[str]) -> list[RunResult]:
-        """Run every source, ``num_workers`` at a time; results in input order."""
-        if not sources:
+    def run_many(self, programs: Sequence[str], tests: Sequence[str] | None = None,
+                 comparison: str = "strict") -> list[RunResult]:
+        """:meth:`run` on every (program, test) pair, ``num_workers`` at a time; results in input order."""
+        if not programs:
             return []
-        workers = max(1, min(self.config.num_workers, len(sources)))
+        tests = [""] * len(programs) if tests is None else list(tests)
+        if len(tests) != len(programs):
+            raise ValueError(f"run_many: {len(programs)} programs but {len(tests)} tests")
+        run = functools.partial(self.run, comparison=comparison)
+        workers = max(1, min(self.config.num_workers, len(programs)))
         if workers == 1:
-            return [self.run(s) for s in sources]
+            return [run(p, t) for p, t in zip(programs, tests)]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-            return list(pool.map(self.run, sources))
+            return list(pool.map(run, programs, tests))
 
 
 _DEFAULT: Sandbox | None = None
