@@ -8,13 +8,18 @@ examples (puzzle ``4320004330100004``, solution ``4321124334122134``; Countdown 
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
+from gdsd_jax.config_io import ConfigError, load_config
+from gdsd_jax.rl.config import TrainConfig
 from gdsd_jax.tasks import countdown as C
 from gdsd_jax.tasks import get_task
 from gdsd_jax.tasks import sudoku as S
 from gdsd_jax.tasks.files import official_data_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sha256(data: bytes | str) -> str:
@@ -174,11 +179,24 @@ def test_official_countdown_aggregation_is_the_item_mean():
 # ---- protocols and training data -----------------------------------------------------------------
 
 def test_protocol_is_checked():
-    with pytest.raises(ValueError, match="protocol must be one of"):
+    with pytest.raises(ValueError, match=r"task 'sudoku' must be one of \['project', 'official'\], got 'paper'"):
         get_task("sudoku", protocol="paper")
-    with pytest.raises(ValueError, match=r"task 'gsm8k' protocol must be one of \['project'\]"):
+    with pytest.raises(ValueError, match=r"task 'gsm8k' must be one of \['project'\], got 'official'"):
         get_task("gsm8k", protocol="official")
     assert get_task("countdown").protocol == "project"
+    assert get_task("gsm8k", protocol="project").protocol == "project"
+    with pytest.raises(ConfigError, match=r"task: task.kwargs.protocol must be one of \['project'\]"):
+        load_config(TrainConfig, REPO / "configs/llada_8b_math.yaml", ["task.kwargs.protocol=official"]).validate()
+
+
+@pytest.mark.parametrize("recipe, protocol", [
+    ("llada_8b_sudoku", "official"), ("llada_8b_countdown", "official"), ("dream_7b_sudoku", "official"),
+    ("dream_7b_countdown", "official"), ("sudoku_tiny", "project"), ("countdown_tiny", "project")])
+def test_recipes_evaluate_with_the_official_protocol_and_tiny_tasks_with_their_own(recipe, protocol):
+    cfg = load_config(TrainConfig, REPO / "configs" / f"{recipe}.yaml", []).validate()
+    assert get_task(cfg.task.name, **cfg.task.kwargs).protocol == protocol
+    if recipe.startswith("dream"):    # the official Dream evaluation's inherited top-k
+        assert cfg.eval_sampling_config().top_k == 50
 
 
 def test_official_sudoku_training_shares_no_solution_grid_with_the_test_set():

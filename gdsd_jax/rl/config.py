@@ -197,4 +197,14 @@ class TrainConfig:
         self.sampling_config()
         self.eval_sampling_config()
         self.objective_config()
+        self.check_task()
         return self
+
+    def check_task(self) -> None:
+        """The task exists and offers the evaluation protocol ``task.kwargs.protocol`` asks for."""
+        from gdsd_jax.tasks.base import check_protocol, task_class
+        try:
+            check_protocol("task.kwargs.protocol", self.task.kwargs.get("protocol", "project"),
+                           task_class(self.task.name).protocols)
+        except ValueError as e:
+            raise ConfigError(f"task: {e}") from None

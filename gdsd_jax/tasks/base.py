@@ -132,10 +132,10 @@ class Task:
                           dtype=np.float32)
 
 
-def check_protocol(task: str, protocol: str, offered: Sequence[str]) -> str:
-    """``protocol`` if ``task`` offers it, else a ``ValueError`` naming the choices."""
+def check_protocol(setting: str, protocol: str, offered: Sequence[str]) -> str:
+    """``protocol`` if it is one of ``offered``, else a ``ValueError`` naming ``setting`` and the choices."""
     if protocol not in offered:
-        raise ValueError(f"{task} protocol must be one of {list(offered)}, got {protocol!r}")
+        raise ValueError(f"{setting} must be one of {list(offered)}, got {protocol!r}")
     return protocol
 
 
@@ -264,7 +264,7 @@ def get_task(name: str, **kwargs: Any) -> Task:
     """
     cls = task_class(name)
     if "protocol" in kwargs:
-        check_protocol(f"task {name!r}", kwargs["protocol"], cls.protocols)
+        check_protocol(f"the protocol of task {name!r}", kwargs["protocol"], cls.protocols)
         if len(cls.protocols) == 1:
             kwargs = {k: v for k, v in kwargs.items() if k != "protocol"}
     return cls(**kwargs)

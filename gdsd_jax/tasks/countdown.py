@@ -388,7 +388,7 @@ class CountdownTask(Task):
                  protocol: str = "project"):
         self.train_file, self.test_file = train_file, test_file
         self.num_train, self.seed = num_train, seed
-        self.protocol = check_protocol("countdown", protocol, self.protocols)
+        self.protocol = check_protocol("CountdownTask protocol", protocol, self.protocols)
         self._cache: dict[str, list[dict]] = {}
 
     @property

@@ -456,7 +456,7 @@ class SudokuTask(Task):
                  protocol: str = "project"):
         self.train_file, self.test_file = train_file, test_file
         self.seed, self.train_per_grid = seed, train_per_grid
-        self.protocol = check_protocol("sudoku", protocol, self.protocols)
+        self.protocol = check_protocol("SudokuTask protocol", protocol, self.protocols)
         self._cache: dict[str, list[dict]] = {}
 
     @property
