@@ -250,3 +250,46 @@ def test_project_protocol_splits_are_unchanged(name, split, digest):
     """The tiny tasks keep their generated splits: the hashes were recorded before the official protocol
     existed."""
     assert sha256(json.dumps(get_task(name).examples(split))) == digest
+
+
+# ---- the eval command ----------------------------------------------------------------------------
+
+def _word_tokenizer(directory, cfg):
+    """A whitespace word-level Hugging Face tokenizer whose specials match the tiny config."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2", reason="Hugging Face chat templates need jinja2")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<answer>": 1, "</answer>": 2, "<reasoning>": 3, "user": 4, "assistant": 5}
+    vocab.update({"<|mdm_mask|>": cfg.mask_token_id, "<|eos|>": cfg.eos_token_id})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|eos|>",
+                                   pad_token="<|eos|>", mask_token="<|mdm_mask|>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant {% endif %}")
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def test_eval_command_defaults_to_the_official_protocol_for_chat_prompts(tmp_path, capsys):
+    import jax
+
+    from gdsd_jax.checkpoint.params_io import save_params
+    from gdsd_jax.cli import main
+    from gdsd_jax.models.config import tiny_llada
+    from gdsd_jax.models.denoiser import init_params
+
+    cfg = tiny_llada()
+    save_params(tmp_path / "ckpt", init_params(cfg, jax.random.key(0), None), cfg)
+    tok = _word_tokenizer(tmp_path / "tok", cfg)
+    common = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tok), "--task", "countdown",
+              "--max-examples", "2", "--batch-size", "8"]
+    assert main(common + ["--output", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "eval_summary.json").read_text())
+    assert summary["protocol"] == "official" and summary["num_examples"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert [len(r["completion_ids"]) for r in rows] == [128, 128]        # the official generation length
+    assert all(r["completion"].count("<|eos|>") == r["completion_ids"].count(cfg.eos_token_id) for r in rows)
+    with pytest.raises(SystemExit, match="--protocol official evaluates chat prompts"):
+        main(common + ["--protocol", "official", "--format", "compact"])
