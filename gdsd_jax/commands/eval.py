@@ -8,7 +8,7 @@ from gdsd_jax.tasks.base import PROTOCOLS
 
 HELP = "evaluate a checkpoint on a task's test set"
 
-#: Generation settings of the official evaluation (official_eval.md in the GDSD reference; docs/tasks.md):
+#: Generation settings of the official evaluation (GDSD eval/run_eval.sh and eval/eval.py; docs/tasks.md):
 #: L = 128 by default, steps forced to L // 2, LLaDA blocks of 32, greedy; Dream's diffusion_generate is
 #: called without top_k and inherits transformers' default top_k = 50.
 OFFICIAL_GEN_LENGTH = 128
@@ -54,11 +54,11 @@ def run(args) -> int:
     import jax
 
     from gdsd_jax.config_io import parse_override
+    from gdsd_jax.data.prompts import prompt_token_ids
     from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
     from gdsd_jax.models.loading import load_denoiser
     from gdsd_jax.rl.evaluate import evaluate, write_eval
     from gdsd_jax.rl.task_adapter import make_adapter
-    from gdsd_jax.data.prompts import prompt_token_ids
     from gdsd_jax.sampling import SamplingConfig
     from gdsd_jax.tasks.base import get_task, task_class
 
@@ -82,7 +82,7 @@ def run(args) -> int:
         from gdsd_jax.data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     prompt_length = args.prompt_length or (17 if fmt == "compact" else max(
-        len(prompt_token_ids(task, ex, tokenizer, split=args.split)) for ex in examples))
+        (len(prompt_token_ids(task, ex, tokenizer, split=args.split)) for ex in examples), default=1))
     adapter = make_adapter(task, fmt, prompt_length, model.config, tokenizer,
                            **({} if fmt == "compact" else {"split": args.split, "truncate": "error"}))
     gen_length = args.gen_length or (OFFICIAL_GEN_LENGTH if official else 16)

@@ -79,10 +79,10 @@ class Task:
 
     @property
     def eval_reads_raw_generation(self) -> bool:
-        """Whether :meth:`eval_metrics` reads every generated token decoded with special tokens kept (the
-        official evaluation decodes all ``L`` tokens so; its Sudoku parser stops at ``<|eot_id|>`` and
-        ``<|endoftext|>``) instead of the completion up to its first EOS without special tokens."""
-        return False
+        """Whether :meth:`eval_metrics` reads every generated token decoded with special tokens kept instead
+        of the completion up to its first EOS without special tokens: under the official protocol, which
+        decodes all ``L`` tokens so (its Sudoku parser stops at ``<|eot_id|>`` and ``<|endoftext|>``)."""
+        return self.protocol == "official"
 
     def eval_metrics(self, completions: Sequence[str], examples: Sequence[dict]) -> dict[str, list[float]]:
         """Evaluation metrics per completion: name -> one float per completion (``"accuracy"`` is the

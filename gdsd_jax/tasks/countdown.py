@@ -391,10 +391,6 @@ class CountdownTask(Task):
         self.protocol = check_protocol("CountdownTask protocol", protocol, self.protocols)
         self._cache: dict[str, list[dict]] = {}
 
-    @property
-    def eval_reads_raw_generation(self) -> bool:
-        return self.protocol == "official"
-
     def examples(self, split: str) -> list[dict]:
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")

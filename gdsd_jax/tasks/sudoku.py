@@ -459,10 +459,6 @@ class SudokuTask(Task):
         self.protocol = check_protocol("SudokuTask protocol", protocol, self.protocols)
         self._cache: dict[str, list[dict]] = {}
 
-    @property
-    def eval_reads_raw_generation(self) -> bool:
-        return self.protocol == "official"
-
     def examples(self, split: str) -> list[dict]:
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
