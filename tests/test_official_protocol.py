@@ -187,6 +187,8 @@ def test_protocol_is_checked():
     assert get_task("gsm8k", protocol="project").protocol == "project"
     with pytest.raises(ConfigError, match=r"task: task.kwargs.protocol must be one of \['project'\]"):
         load_config(TrainConfig, REPO / "configs/llada_8b_math.yaml", ["task.kwargs.protocol=official"]).validate()
+    with pytest.raises(ConfigError, match="protocol=official evaluates the official chat prompts"):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["task.kwargs.protocol=official"]).validate()
 
 
 @pytest.mark.parametrize("recipe, protocol", [
@@ -205,9 +207,10 @@ def test_official_sudoku_training_shares_no_solution_grid_with_the_test_set():
     train_grids = {ex["solution"] for ex in task.examples("train")}
     assert len(test_grids) == 156 and len(train_grids) == 288 - 156
     assert not test_grids & train_grids
-    # the project's own split is what the official test set would have overlapped
+    # what the project's own split overlapped: 411 of the 500 official puzzles have a grid it trains on
     project_train = {ex["solution"] for ex in get_task("sudoku").examples("train")}
-    assert len(test_grids & project_train) > 100
+    all_rows = S.load_csv(official_data_path("4x4_test_sudoku.csv"))
+    assert sum(ex["solution"] in project_train for ex in all_rows) == 411
 
 
 def test_official_countdown_training_excludes_the_test_instances():

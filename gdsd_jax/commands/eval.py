@@ -70,7 +70,8 @@ def run(args) -> int:
         kwargs[".".join(path)] = value
     cls = task_class(args.task)
     fmt = args.format or ("compact" if cls.supports_compact and args.tokenizer is None else "chat")
-    protocol = args.protocol or ("official" if fmt == "chat" and "official" in cls.protocols else "project")
+    protocol = args.protocol or kwargs.pop("protocol", None) or (
+        "official" if fmt == "chat" and "official" in cls.protocols else "project")
     task = get_task(args.task, protocol=protocol, **kwargs)
     official = protocol == "official"
     if official and (fmt != "chat" or args.split != "test"):
