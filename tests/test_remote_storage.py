@@ -187,7 +187,7 @@ def test_read_and_write_helpers_accept_strings_and_epath_objects(tmp_path, monke
         log.close()
         assert read_metrics(d) == [{"step": 0, "x": 1.5}, {"step": 1, "x": "nan"}]
         assert read_metrics(os.path.join(os.fspath(d), "metrics.jsonl"))[0]["x"] == 1.5
-        write_eval(EvalResult(0.5, 0.25, np.array([0.5]), [{"reward": 0.5}]), d, "ev")
+        write_eval(EvalResult(0.5, {"accuracy": 0.25}, np.array([0.5]), [{"reward": 0.5}]), d, "ev")
         assert json.loads((tmp_path / os.fspath(d) / "ev_summary.json").read_text())["mean_reward"] == 0.5
         resumed = MetricsLogger(d, tensorboard=False, resume_step=0)    # keeps steps <= 0
         resumed.close()

@@ -171,7 +171,7 @@ def test_prompts_train_and_eval():
     assert "Using only the numbers [3, 5, 7], create an arithmetic expression that evaluates to exactly 22." in train
     assert train.startswith("\nRespond in the following format:\n<reasoning>\n")
     evalp = task.prompt_messages(EX, split="test")[0]["content"]
-    assert "2*4-3" in evalp and "\\boxed{}" in evalp and evalp != train
+    assert "<answer>\n2*4-3\n</answer>" in evalp and "\\boxed" not in evalp and evalp != train
     assert task.prompt_prefill(split="test") == "<reasoning>"
 
 

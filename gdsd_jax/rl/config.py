@@ -197,4 +197,18 @@ class TrainConfig:
         self.sampling_config()
         self.eval_sampling_config()
         self.objective_config()
+        self.check_task()
         return self
+
+    def check_task(self) -> None:
+        """The task exists and offers the evaluation protocol ``task.kwargs.protocol`` asks for (the official
+        one evaluates chat prompts)."""
+        from gdsd_jax.tasks.base import check_protocol, task_class
+        protocol = self.task.kwargs.get("protocol", "project")
+        try:
+            check_protocol("task.kwargs.protocol", protocol, task_class(self.task.name).protocols)
+        except ValueError as e:
+            raise ConfigError(f"task: {e}") from None
+        if protocol == "official" and self.task.format != "chat":
+            raise ConfigError("task.kwargs.protocol=official evaluates the official chat prompts: it needs "
+                              f"task.format=chat, got {self.task.format!r}")

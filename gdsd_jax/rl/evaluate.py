@@ -1,5 +1,11 @@
 """Evaluation: decode a task's test set with the jitted sampler and score it.
 
+Two kinds of numbers come out: the training reward on the test set (``mean_reward``, what training
+compares across checkpoints) and the task's evaluation metrics under its protocol (``metrics``; the
+headline is ``metrics["accuracy"]``): per completion from the adapter's ``eval_metrics`` (the task's
+``eval_metrics`` for chat prompts), aggregated over the whole set by the task's ``aggregate_metrics``
+(e.g. Sudoku's official protocol pools cells over puzzles).
+
 Batches have a fixed size (the last one is padded by repeating examples and the padding is discarded),
 so one compiled program serves the whole set.
 """
@@ -25,30 +31,21 @@ from gdsd_jax.models.config import DenoiserConfig
 @dataclasses.dataclass
 class EvalResult:
     mean_reward: float
-    accuracy: float                 # fraction solved: reward >= max(1, best reward of the set), or >= max_reward
+    metrics: dict[str, float]       # the task's aggregated evaluation metrics ("accuracy" is the headline)
     rewards: np.ndarray             # [N]
-    records: list[dict]             # per example: prompt ids, completion ids/text, reward
+    records: list[dict]             # per example: prompt ids, completion ids/text, reward, metrics
+    protocol: str = "project"       # the task's evaluation protocol
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
 
     def summary(self) -> dict:
-        return {"mean_reward": self.mean_reward, "accuracy": self.accuracy, "num_examples": len(self.rewards)}
+        return {"protocol": self.protocol, "mean_reward": self.mean_reward, **self.metrics,
+                "num_examples": len(self.rewards)}
 
 
 _GEN_CACHE: dict = {}
-
-
-def solved_fraction(rewards: np.ndarray, max_reward: float | None = None) -> float:
-    """Fraction of rewards [N] that reach the full reward.
-
-    Rewards are normalised so that a correct answer scores at least 1 (Sudoku, Countdown: exactly 1;
-    the GSM8K/MATH official sums: correctness 2 plus format terms). Without an explicit ``max_reward`` the
-    bar is therefore the best reward of the set but never below 1: a set of merely well-formed answers
-    (Countdown's 0.1) counts as unsolved.
-    """
-    r = np.asarray(rewards, dtype=np.float64)
-    if r.size == 0:
-        return 0.0
-    top = max_reward if max_reward is not None else max(float(r.max()), 1.0)
-    return float(np.mean(r >= top - 1e-6))
 
 
 def _generate_fn(mesh):
@@ -62,9 +59,9 @@ def _generate_fn(mesh):
 
 
 def evaluate(params, model_cfg: DenoiserConfig, adapter, examples: Sequence[dict], sampling_cfg, mesh: Mesh, *,
-             lora=None, batch_size: int = 96, key: jax.Array | None = None, progress: bool = False,
-             max_reward: float | None = None) -> EvalResult:
-    """Greedy (or sampled, per ``sampling_cfg``) decoding over ``examples``; returns rewards and records."""
+             lora=None, batch_size: int = 96, key: jax.Array | None = None, progress: bool = False) -> EvalResult:
+    """Greedy (or sampled, per ``sampling_cfg``) decoding over ``examples``; returns the training rewards,
+    the task's aggregated metrics and one record per example."""
     if not examples:
         raise ValueError("evaluate: the evaluation set is empty")
     key = jax.random.key(0) if key is None else key
@@ -73,6 +70,7 @@ def evaluate(params, model_cfg: DenoiserConfig, adapter, examples: Sequence[dict
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = max(data_ways, (min(batch_size, n) + data_ways - 1) // data_ways * data_ways)
     rewards, records = [], []
+    metrics: dict[str, list[float]] = {}
     it = range(0, n, batch_size)
     for start in tqdm(it, desc="eval", disable=not progress, leave=False):
         chunk = list(examples[start:start + batch_size])
@@ -86,15 +84,17 @@ def evaluate(params, model_cfg: DenoiserConfig, adapter, examples: Sequence[dict
         cmask = multihost.to_host(out.completion_mask)[:real]
         comp = seqs[:, ids.shape[1]:]
         scores = adapter.score(comp, cmask, chunk[:real])
-        texts = scores.texts if scores.texts is not None else adapter.decode(comp)
+        per_example, texts = adapter.eval_metrics(comp, cmask, chunk[:real])
+        for name, values in per_example.items():
+            metrics.setdefault(name, []).extend(values)
         for i in range(real):
             records.append({"prompt_ids": [int(t) for t, m in zip(ids[i], mask[i]) if m],
                             "completion_ids": comp[i].tolist(), "completion": texts[i],
-                            "reward": float(scores.rewards[i])})
+                            "reward": float(scores.rewards[i]),
+                            "metrics": {name: values[i] for name, values in per_example.items()}})
         rewards.append(scores.rewards)
     r = np.concatenate(rewards)
-    acc = solved_fraction(r, max_reward)
-    return EvalResult(float(r.mean()), acc, r, records)
+    return EvalResult(float(r.mean()), adapter.task.aggregate_metrics(metrics), r, records, adapter.task.protocol)
 
 
 def write_eval(result: EvalResult, out_dir: str | os.PathLike, name: str = "eval") -> None:

@@ -78,6 +78,15 @@ def build_task_and_adapter(cfg: TrainConfig, model_cfg: DenoiserConfig, split: s
     return task, adapter, tokenizer
 
 
+def build_eval_adapter(cfg: TrainConfig, task, adapter, model_cfg: DenoiserConfig, tokenizer):
+    """The adapter evaluation decodes with: the training one in the compact format; in the chat format the
+    task's evaluation prompts (split ``"test"``: e.g. the official ``<reasoning>`` prefill)."""
+    if cfg.task.format == "compact":
+        return adapter
+    return make_adapter(task, "chat", cfg.task.prompt_length, model_cfg, tokenizer, split="test",
+                        truncate=cfg.task.truncate)
+
+
 def index_iterator(num_examples: int, batch_size: int, seed: int):
     """Grain pipeline over example indices: seeded shuffle, repeat, global batch, this process's block.
 
@@ -137,10 +146,10 @@ def run_sft(cfg: TrainConfig, *, mesh=None, model_cfg=None, params=None, output_
 
     def do_eval(step):
         res = evaluate(params, model_cfg, adapter, test, scfg, mesh, batch_size=cfg.eval.batch_size)
-        rec = {"step": step, "test_reward": res.mean_reward, "test_solved": res.accuracy}
+        rec = {"step": step, "test_reward": res.mean_reward, "test_accuracy": res.accuracy}
         history.append(rec)
         if logger:
-            logger.log(step, {"test_reward": res.mean_reward, "test_solved": res.accuracy})
+            logger.log(step, {"test_reward": res.mean_reward, "test_accuracy": res.accuracy})
         return res
 
     bar = tqdm(range(1, s.steps + 1), desc="sft", disable=not progress or jax.process_index() != 0)
@@ -254,10 +263,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     data_it = index_iterator(len(train), cfg.rollout_prompts, cfg.rl.seed)
     test = eval_examples(task, cfg)
     escfg = trainer.eval_sampling_cfg
+    eval_adapter = build_eval_adapter(cfg, task, adapter, model_cfg, tokenizer)
 
     def run_eval(st) -> EvalResult:
         p, lora = trainer.parts.policy(st["trainable"], frozen)
-        return evaluate(p, model_cfg, adapter, test, escfg, mesh, lora=lora, batch_size=cfg.eval.batch_size)
+        return evaluate(p, model_cfg, eval_adapter, test, escfg, mesh, lora=lora, batch_size=cfg.eval.batch_size)
 
     meta = {"config": to_dict(cfg), "model_config": model_cfg.to_dict(), "nonfinite_total": 0, "before": None,
             "best_eval": None}
@@ -274,8 +284,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if meta.get("before") is None:
         before = run_eval(state)
         meta["before"] = before.mean_reward
-        logger.log(0, {"test_reward": before.mean_reward, "test_solved": before.accuracy})
-        log(f"step 0: test reward {before.mean_reward:.3f} (solved {before.accuracy:.3f})")
+        logger.log(0, {"test_reward": before.mean_reward, "test_accuracy": before.accuracy})
+        log(f"step 0: test reward {before.mean_reward:.3f} (accuracy {before.accuracy:.3f})")
 
     start = int(state["step"])
     total = cfg.rl.total_steps
@@ -294,7 +304,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             eval_reward = None
             if cfg.eval.every and step % cfg.eval.every == 0 and step != total:
                 res = run_eval(state)
-                m.update(test_reward=res.mean_reward, test_solved=res.accuracy)
+                m.update(test_reward=res.mean_reward, test_accuracy=res.accuracy)
                 eval_reward = res.mean_reward
             logger.log(step, m)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.2e}",
@@ -319,7 +329,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         bar.close()
     if int(state["step"]) == total:
         after = run_eval(state)
-        logger.log(total, {"test_reward": after.mean_reward, "test_solved": after.accuracy})
+        logger.log(total, {"test_reward": after.mean_reward, "test_accuracy": after.accuracy})
         if jax.process_index() == 0:
             from gdsd_jax.rl.evaluate import write_eval
             write_eval(after, out, "eval_final")

@@ -8,7 +8,9 @@ Two prompt formats:
   ``prompt_length``; completions are decoded and scored by the task's reward functions.
 
 Either way the trainer sees ``encode(examples) -> (prompt_ids [N, Lp], prompt_mask [N, Lp])`` and
-``score(completion_ids [N, Lg], completion_mask [N, Lg], examples) -> Scores``.
+``score(completion_ids [N, Lg], completion_mask [N, Lg], examples) -> Scores``, and evaluation
+``eval_metrics(completion_ids, completion_mask, examples) -> (metrics, texts)``: per-completion metrics
+(name -> [N]) that the task's ``aggregate_metrics`` turns into the set-level numbers.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ class CompactAdapter:
     def decode(self, completion_ids: np.ndarray) -> list[str]:
         return [" ".join(str(int(t)) for t in row) for row in completion_ids]
 
+    def eval_metrics(self, completion_ids: np.ndarray, completion_mask: np.ndarray, examples: Sequence[dict],
+                     ) -> tuple[dict[str, list[float]], list[str]]:
+        """The project's protocol for the compact format: ``accuracy`` = solved, i.e. the compact reward
+        reaches its maximum 1.0 (all blanks right / a correct expression)."""
+        rewards = self.task.compact_rewards(completion_ids, examples)
+        return {"accuracy": [float(r >= 1.0) for r in rewards]}, self.decode(completion_ids)
+
 
 class ChatAdapter:
     """Official chat prompts through a tokenizer (prefill included, see :mod:`gdsd_jax.data.prompts`);
@@ -103,6 +112,20 @@ class ChatAdapter:
             keep = completion_mask[i] if completion_mask is not None else np.ones(len(row), bool)
             out.append(self.tok.decode([int(t) for t, m in zip(row, keep) if m and int(t) not in special]))
         return out
+
+    def decode_raw(self, completion_ids: np.ndarray) -> list[str]:
+        """Every generated token, special tokens and everything after the first EOS included."""
+        return [self.tok.decode([int(t) for t in row]) for row in completion_ids]
+
+    def eval_metrics(self, completion_ids: np.ndarray, completion_mask: np.ndarray, examples: Sequence[dict],
+                     ) -> tuple[dict[str, list[float]], list[str]]:
+        """The task's :meth:`~gdsd_jax.tasks.base.Task.eval_metrics` on the decoded completions (the raw
+        generation when the task's protocol reads it), and those texts."""
+        if self.task.eval_reads_raw_generation:
+            texts = self.decode_raw(completion_ids)
+        else:
+            texts = self.decode(completion_ids, completion_mask)
+        return self.task.eval_metrics(texts, list(examples)), texts
 
     def score(self, completion_ids: np.ndarray, completion_mask: np.ndarray, examples: Sequence[dict]) -> Scores:
         from gdsd_jax.tasks.base import score_batch

@@ -10,6 +10,12 @@ Two prompt formats exist:
   differ (``split="train"`` vs ``split="test"``), as in the official code;
 * a **compact token format** for the tiny default model (Sudoku and Countdown only): the prompt is a short
   list of token ids, the completion a fixed number of ids, scored by ``compact_reward``.
+
+An **evaluation protocol** fixes the test set, the evaluation prompts, the answer parser and how the
+per-completion metrics are aggregated. Every task has the project's own (``"project"``); Sudoku and
+Countdown also offer the official GDSD evaluation (``"official"``: its test files, prompts, parser and
+aggregation), chosen with the constructor argument ``protocol``. Training data never overlap the test set of
+the protocol in use.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ log = logging.getLogger(__name__)
 #: A reward function scores a batch: (completions, examples) -> one float per completion. It must be
 #: total: a malformed completion scores 0 (or the format score) and never raises.
 RewardFn = Callable[[Sequence[str], Sequence[dict]], list[float]]
+
+#: Evaluation protocol names (see the module docstring).
+PROTOCOLS = ("project", "official")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +73,30 @@ class Task:
         """Reward functions and weights of the official recipe (summed into one scalar reward)."""
         raise NotImplementedError
 
-    def eval_metrics(self, completions: Sequence[str], examples: Sequence[dict]) -> dict[str, list[float]]:
-        """Evaluation metrics per completion (key ``"accuracy"`` is the headline number).
+    #: Evaluation protocols this task offers, and the one in use (module docstring).
+    protocols: tuple[str, ...] = ("project",)
+    protocol: str = "project"
 
-        The default is the summed training reward; tasks with an official evaluation parser override it.
+    @property
+    def eval_reads_raw_generation(self) -> bool:
+        """Whether :meth:`eval_metrics` reads every generated token decoded with special tokens kept instead
+        of the completion up to its first EOS without special tokens: under the official protocol, which
+        decodes all ``L`` tokens so (its Sudoku parser stops at ``<|eot_id|>`` and ``<|endoftext|>``)."""
+        return self.protocol == "official"
+
+    def eval_metrics(self, completions: Sequence[str], examples: Sequence[dict]) -> dict[str, list[float]]:
+        """Evaluation metrics per completion: name -> one float per completion (``"accuracy"`` is the
+        headline). Evaluation reports :meth:`aggregate_metrics` of them.
+
+        The default is the summed training reward; tasks with an evaluation parser override it.
         """
         rewards, _, _ = score_batch(self, completions, examples)
         return {"accuracy": rewards.tolist()}
+
+    def aggregate_metrics(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        """Set-level numbers from the per-completion :meth:`eval_metrics` of a whole test set: by default
+        the mean of each metric (fractions, not percent)."""
+        return {name: float(np.mean(values)) if len(values) else 0.0 for name, values in metrics.items()}
 
     # ---- compact token format (tiny model); only Sudoku and Countdown implement it ----
     supports_compact: bool = False
@@ -104,6 +130,13 @@ class Task:
             )
         return np.asarray([self.compact_reward(row.tolist(), ex) for row, ex in zip(ids, examples)],
                           dtype=np.float32)
+
+
+def check_protocol(setting: str, protocol: str, offered: Sequence[str]) -> str:
+    """``protocol`` if it is one of ``offered``, else a ``ValueError`` naming ``setting`` and the choices."""
+    if protocol not in offered:
+        raise ValueError(f"{setting} must be one of {list(offered)}, got {protocol!r}")
+    return protocol
 
 
 class LocalFileTask(Task):
@@ -213,11 +246,25 @@ def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_task(name: str, **kwargs: Any) -> Task:
-    """Instantiate a registered task by name; keyword arguments go to its constructor."""
+def task_class(name: str) -> type[Task]:
+    """The class of a registered task (imported on first use)."""
     try:
         target = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; expected one of {task_names()}") from None
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Instantiate a registered task by name; keyword arguments go to its constructor.
+
+    ``protocol`` is checked against the task's :attr:`Task.protocols`; a task with the project's protocol
+    only takes no such argument, so ``protocol="project"`` is accepted and dropped for it.
+    """
+    cls = task_class(name)
+    if "protocol" in kwargs:
+        check_protocol(f"the protocol of task {name!r}", kwargs["protocol"], cls.protocols)
+        if len(cls.protocols) == 1:
+            kwargs = {k: v for k, v in kwargs.items() if k != "protocol"}
+    return cls(**kwargs)

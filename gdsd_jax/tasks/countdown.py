@@ -9,6 +9,11 @@ every number exactly once. The generator draws 3 numbers in ``[1, 99]`` and a ra
 seed and never contains a test ``(sorted numbers, target)`` pair. A user file with the public dataset's
 columns (``nums``, ``target``) can replace either split.
 
+With ``protocol="official"`` the test set is the official ``countdown_cd3_test.jsonl`` (256 instances, shipped
+under ``tasks/data/official``), scored by the official evaluation parser, and the generated train set
+excludes those instances instead. Whatever the protocol, no training instance shares ``(sorted numbers,
+target)`` with the test set in use (rows of a user train file that do are dropped, and counted in the log).
+
 The reward is the official rule (1.0 correct, 0.1 answer present but wrong, 0 no answer tag); the answer is
 evaluated by :mod:`gdsd_jax.tasks.arith`, never by Python ``eval``.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -33,10 +39,18 @@ from gdsd_jax.data.tokenizer import (
     countdown_tokenizer,
 )
 from gdsd_jax.tasks import arith
-from gdsd_jax.tasks.base import Task, WeightedReward
-from gdsd_jax.tasks.files import is_int, is_int_list, load_rows, shipped_file_main
+from gdsd_jax.tasks.base import Task, WeightedReward, check_protocol
+from gdsd_jax.tasks.files import (
+    DataError,
+    is_int,
+    is_int_list,
+    is_str,
+    load_rows,
+    official_data_path,
+    shipped_file_main,
+)
 from gdsd_jax.tasks.rng import StableRandom
-from gdsd_jax.tasks.text import XML_FORMAT, boxed_contents, last_answer_tag
+from gdsd_jax.tasks.text import XML_FORMAT, boxed_contents, last_answer_tag, last_boxed
 
 MIN_NUMBER, MAX_NUMBER = 1, 99
 MIN_TARGET, MAX_TARGET = 1, 99
@@ -45,6 +59,9 @@ TEST_SEED = 2024
 TRAIN_SEED = 7
 NUM_TEST = 256
 TEST_FILE = "countdown_cd3_test.jsonl"
+OFFICIAL_TEST_FILE = "countdown_cd3_test.jsonl"
+
+log = logging.getLogger(__name__)
 OPS = "+-*/"
 
 # ------------------------------------------------------------------------------------------------
@@ -171,6 +188,30 @@ def shipped_test_path() -> Path:
     return Path(str(resources.files("gdsd_jax.tasks") / "data" / TEST_FILE))
 
 
+def _int_strings(value) -> str | None:
+    """Check of the official file's string columns: one or more comma-separated non-negative integers."""
+    msg = is_str(value)
+    if msg:
+        return msg
+    if not all(p.strip().isdigit() for p in value.split(",")):
+        return f"expected comma-separated non-negative integers in a string, got {value!r}"
+    return None
+
+
+def load_official_test(path=None) -> list[dict]:
+    """The official test file (default: the shipped copy): JSONL rows ``{"input": "a,b,c", "output": "t"}``
+    (strings), every row in file order, each example with its 0-based row index ``row``."""
+
+    def convert(row: dict, rowno: int) -> dict:
+        if "," in row["output"]:
+            raise DataError(path, rowno, "output", f"expected one integer, got {row['output']!r}")
+        return {"numbers": [int(n) for n in row["input"].split(",")], "target": int(row["output"]),
+                "row": rowno - 1}
+
+    path = path or official_data_path(OFFICIAL_TEST_FILE)
+    return load_rows(path, {"input": _int_strings, "output": _int_strings}, convert=convert)
+
+
 # ------------------------------------------------------------------------------------------------
 # Official reward
 
@@ -225,22 +266,55 @@ def eval_answer(text: str) -> str | None:
     return last_answer_tag(text)
 
 
+_FIRST_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_EXPRESSION_EQUALS = re.compile(r"([0-9+\-*/() ]+)=[0-9. ]+")
+
+
+def official_eval_answer(text: str) -> str:
+    """The expression the official evaluation (GDSD ``eval/parse_and_get_acc.py``) reads from a generation.
+
+    1. a box wins, even one in the reasoning: after the last ``"\\boxed "`` (with a space) up to a ``$``,
+       else the content of the last brace-matched ``\\boxed{...}`` (not stripped);
+    2. otherwise (no box, an unclosed one, only ``\\fbox{}``): the first ``<answer>...</answer>``, stripped;
+       without one, the whole text;
+    3. ``\\div`` -> ``/``, ``\\times`` and ``\\cdot`` -> ``*``;
+    4. ``expr = number`` (the leftmost such match) keeps the stripped part before ``=``.
+    """
+    box = last_boxed(text)  # no box at all gives the text itself, an unclosed one None
+    if box is not None and box.startswith("\\boxed "):
+        answer = box[len("\\boxed "):]
+    elif box is not None and box.startswith("\\boxed{"):
+        answer = box[len("\\boxed{"):-1]
+    else:
+        m = _FIRST_ANSWER_TAG.search(text)
+        answer = m.group(1).strip() if m else text
+    answer = answer.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*")
+    m = _EXPRESSION_EQUALS.search(answer)
+    return m.group(1).strip() if m else answer
+
+
+def official_correct(text: str, numbers: Sequence[int], target: float) -> bool:
+    """The official verdict: the expression uses exactly ``numbers``, has only ``[0-9+-*/().]`` and
+    whitespace, and evaluates (true division) to within 1e-5 of ``target``."""
+    return score_expression(official_eval_answer(text), numbers, target, format_score=0.0) == 1.0
+
+
 def prompt_numbers(numbers: Sequence[int]) -> str:
     """``[a, b, c]`` as the official prompt prints the dataset's list."""
     return "[" + ", ".join(str(int(n)) for n in numbers) + "]"
 
 
-# Evaluation prompt: longer instruction, \boxed{} answer, example "2*4-3" (gdsd_paper.md §6); exact official
-# wording unavailable, this text is ours (UNCONFIRMED wording).
-EVAL_INSTRUCTION = (
-    "Using only the provided numbers, create an arithmetic expression that evaluates to exactly the provided "
-    "target number. You may use the operations +, -, *, and / as needed, but each number must be used exactly "
-    "once. Think step-by-step. After reasoning, provide only your final expression inside \\boxed{} tags "
-    "without including an equals sign or the target number. For example, for the numbers [2, 3, 4] and the "
-    "target 5: \\boxed{2*4-3}\n"
-    "Respond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n<answer>\n\\boxed{...}\n"
-    "</answer>"
-)
+def eval_prompt(numbers: Sequence[int], target: int) -> str:
+    """The official evaluation prompt's user turn (GDSD ``eval/data_utils.py``), byte for byte; for
+    ``[30, 100, 93]``, 23 its sha256 is bc134344...110191 (checked by the tests)."""
+    return (
+        f"{XML_FORMAT}\nUsing only the numbers {prompt_numbers(numbers)}, create an arithmetic expression that "
+        f"evaluates to exactly {target}. You must use all numbers from the list, and each number must be used "
+        "exactly once. You may use the operations +, -, *, and / as needed. After reasoning, provide only your "
+        "final expression inside <answer></answer> tags without including an equals sign or the target number. "
+        "For example, if the numbers are [2, 3, 4] and the target is 5, a valid answer is: <answer>\n2*4-3\n"
+        "</answer>"
+    )
 
 # ------------------------------------------------------------------------------------------------
 # Compact token format
@@ -297,32 +371,53 @@ class CountdownTask(Task):
 
     Args:
       train_file / test_file: optional JSONL/Parquet with columns ``nums``, ``target`` replacing the generated
-        train set / the shipped test set.
+        train set / the protocol's test set (with ``protocol="official"``, a file in the official layout).
       num_train: size of the generated train set.
       seed: seed of the generated train set.
+      protocol: ``"project"`` (the shipped generated test set, box-then-last-tag parser) or ``"official"``
+        (the official test set and parser; module docstring).
     """
 
     name = "countdown"
+    protocols = ("project", "official")
     supports_compact = True
     compact_prompt_length = COMPACT_PROMPT_LENGTH
     compact_completion_length = COMPACT_COMPLETION_LENGTH
 
-    def __init__(self, *, train_file=None, test_file=None, num_train: int = 20_000, seed: int = TRAIN_SEED):
+    def __init__(self, *, train_file=None, test_file=None, num_train: int = 20_000, seed: int = TRAIN_SEED,
+                 protocol: str = "project"):
         self.train_file, self.test_file = train_file, test_file
         self.num_train, self.seed = num_train, seed
+        self.protocol = check_protocol("CountdownTask protocol", protocol, self.protocols)
         self._cache: dict[str, list[dict]] = {}
 
     def examples(self, split: str) -> list[dict]:
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
         if split not in self._cache:
-            if split == "test":
-                self._cache[split] = load_file(self.test_file or shipped_test_path())
-            elif self.train_file:
-                self._cache[split] = load_file(self.train_file)
-            else:
-                self._cache[split] = make_train_set(self.seed, self.num_train, exclude=self.examples("test"))
+            self._cache[split] = self._train() if split == "train" else self._test()
         return self._cache[split]
+
+    def _test(self) -> list[dict]:
+        if self.protocol == "official":
+            return load_official_test(self.test_file)
+        return load_file(self.test_file or shipped_test_path())
+
+    def _train(self) -> list[dict]:
+        """Train instances, none sharing ``(sorted numbers, target)`` with the test set in use."""
+        test = self.examples("test")
+        if not self.train_file:
+            return make_train_set(self.seed, self.num_train, exclude=test)
+        test_keys = {instance_key(ex) for ex in test}
+        rows = load_file(self.train_file)
+        kept = [r for r in rows if instance_key(r) not in test_keys]
+        if len(kept) < len(rows):
+            log.info("countdown: dropped %d of %d rows of %s that are test instances", len(rows) - len(kept),
+                     len(rows), self.train_file)
+        if not kept:
+            raise DataError(self.train_file, None, None, "every row is a test instance of the "
+                            f"{self.protocol!r} protocol: nothing is left to train on")
+        return kept
 
     def prompt_messages(self, example: dict, *, split: str = "train") -> list[dict]:
         nums, target = prompt_numbers(example["numbers"]), example["target"]
@@ -333,7 +428,7 @@ class CountdownTask(Task):
                 "final expression inside <answer></answer> tags."
             )
         else:
-            content = f"{EVAL_INSTRUCTION}\n\nNumbers: {nums}\nTarget: {target}"
+            content = eval_prompt(example["numbers"], target)
         return [{"role": "user", "content": content}]
 
     def prompt_prefill(self, *, split: str = "train") -> str:
@@ -346,7 +441,10 @@ class CountdownTask(Task):
         acc = []
         for text, ex in zip(completions, examples):
             try:
-                acc.append(float(score_expression(eval_answer(text), ex["numbers"], ex["target"]) == 1.0))
+                if self.protocol == "official":
+                    acc.append(float(official_correct(text, ex["numbers"], ex["target"])))
+                else:
+                    acc.append(float(score_expression(eval_answer(text), ex["numbers"], ex["target"]) == 1.0))
             except Exception:
                 acc.append(0.0)
         return {"accuracy": acc}

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,12 @@ def load_rows(
     if not out:
         raise DataError(path, None, None, "the file holds no rows (an empty dataset cannot be trained on)")
     return out
+
+
+def official_data_path(name: str) -> Path:
+    """A file of the official GDSD test data shipped with the package (``tasks/data/official``, with the
+    license and a NOTICE of its origin)."""
+    return Path(str(resources.files("gdsd_jax.tasks") / "data" / "official" / name))
 
 
 def shipped_file_main(argv: Sequence[str] | None, *, prog: str, description: str, make: Callable[[], bytes],

@@ -12,6 +12,12 @@ Data (all derived from the 288 valid 4x4 grids, enumerated in lexicographic orde
 * the **train pool** is built at load time from the 240 train grids (``train_per_grid`` distinct unique
   puzzles each, NumPy ``PCG64(seed)``), or read from a user CSV with the official columns.
 
+With ``protocol="official"`` the test set is the official one instead (the 256 puzzles of the official
+``4x4_test_sudoku.csv`` that the official evaluation scores, shipped under ``tasks/data/official``), scored by
+the official parser with cells pooled over puzzles; the train pool then comes from the grids that solve
+none of those puzzles. Whatever the protocol, no training example shares its solution grid with a test
+puzzle in use (rows of a user train file that do are dropped, and counted in the log).
+
 Puzzles and solutions are 16-character strings read row by row; ``0`` marks a blank.
 """
 
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
+import re
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -27,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from gdsd_jax.data.tokenizer import SUDOKU_SEP, sudoku_tokenizer
-from gdsd_jax.tasks.base import Task, WeightedReward
-from gdsd_jax.tasks.files import DataError, load_rows, shipped_file_main
+from gdsd_jax.tasks.base import Task, WeightedReward, check_protocol
+from gdsd_jax.tasks.files import DataError, load_rows, official_data_path, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import last_answer_tag
 
@@ -39,6 +47,11 @@ SPLIT_SEED = 0
 TEST_SEED = 1234
 TEST_PER_GRID = 6
 TEST_FILE = "sudoku_4x4_test.csv"
+OFFICIAL_TEST_FILE = "4x4_test_sudoku.csv"
+OFFICIAL_SUBSET_SEED = 42
+OFFICIAL_SUBSET_SIZE = 256
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,9 +153,8 @@ _BIT_WEIGHTS = (1 << np.arange(NUM_CELLS)).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=4)
-def _train_pool_cached(seed: int, per_grid: int, split_seed: int) -> tuple[tuple[str, str], ...]:
+def _train_pool_cached(seed: int, per_grid: int, train_idx: tuple[int, ...]) -> tuple[tuple[str, str], ...]:
     grids = all_grids()
-    train_idx, _ = grid_split(split_seed)
     rng = np.random.Generator(np.random.PCG64(seed))
     # agree_bits[g, h]: 16-bit mask of the cells where grids g and h hold the same digit
     agree_bits = (grids[:, None, :] == grids[None, :, :]).astype(np.int64) @ _BIT_WEIGHTS
@@ -170,9 +182,17 @@ def _train_pool_cached(seed: int, per_grid: int, split_seed: int) -> tuple[tuple
     return tuple(pool)
 
 
-def make_train_pool(seed: int = 0, per_grid: int = 200, split_seed: int = SPLIT_SEED) -> list[dict]:
-    """Unique-solution puzzles of the train grids (up to ``per_grid`` distinct ones per grid)."""
-    return [_example(p, s) for p, s in _train_pool_cached(seed, per_grid, split_seed)]
+def make_train_pool(seed: int = 0, per_grid: int = 200, split_seed: int = SPLIT_SEED,
+                    grid_indices: Sequence[int] | None = None) -> list[dict]:
+    """Unique-solution puzzles (up to ``per_grid`` distinct ones per grid) of the grids ``grid_indices`` into
+    :func:`all_grids` (default: the train grids of :func:`grid_split`)."""
+    idx = grid_split(split_seed)[0] if grid_indices is None else tuple(sorted(grid_indices))
+    return [_example(p, s) for p, s in _train_pool_cached(seed, per_grid, idx)]
+
+
+def grids_other_than(solutions: set[str]) -> tuple[int, ...]:
+    """Indices into :func:`all_grids` of the grids that are none of ``solutions``."""
+    return tuple(i for i, g in enumerate(all_grids()) if grid_string(g) not in solutions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,6 +242,23 @@ def shipped_test_path() -> Path:
     return Path(str(resources.files("gdsd_jax.tasks") / "data" / TEST_FILE))
 
 
+def official_subset(num_rows: int, size: int = OFFICIAL_SUBSET_SIZE, seed: int = OFFICIAL_SUBSET_SEED) -> list[int]:
+    """Row indices the official evaluation scores, in its order.
+
+    The official ``SudokuDataset`` draws ``np.random.choice(num_rows, 256, replace=False)`` after
+    ``np.random.seed(42)``; that equals the first 256 of NumPy's legacy ``RandomState(42).permutation``,
+    whose stream NumPy keeps frozen.
+    """
+    return np.random.RandomState(seed).permutation(num_rows)[: min(size, num_rows)].tolist()
+
+
+def load_official_test(path=None) -> list[dict]:
+    """The official test set: the rows :func:`official_subset` picks from the official CSV (default: the
+    shipped copy), each example with its 0-based data-row index ``row``."""
+    rows = load_csv(path or official_data_path(OFFICIAL_TEST_FILE))
+    return [dict(rows[i], row=i) for i in official_subset(len(rows))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Official reward and prompts
 
@@ -244,33 +281,43 @@ Your step-by-step solving process
 </answer>
 """
 
-# Evaluation prompt: the official eval uses a different system prompt with "**Rules:**" and a worked example
-# (gdsd_paper.md §6); its exact wording was not available, so this text is ours (UNCONFIRMED wording). The
-# example puzzle comes from a TRAIN grid (tests check it is unique and its answer right).
-EVAL_EXAMPLE_PUZZLE = "2340403000003204"
-EVAL_EXAMPLE_SOLUTION = "2341413214233214"
-EVAL_SYSTEM_PROMPT = f"""
-Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading
-left-to-right, top-to-bottom, where '0' represents an empty cell.
+# The official evaluation prompt (GDSD ``eval/data_utils.py``), byte for byte: 904 characters, sha256
+# a6198f5d80263b2927b1053b19892a04bf4dcb24c4c9ba1f3ca7995dd8d2b9e4 (checked by the tests). Its example
+# puzzle is not one of the 500 official test puzzles.
+EVAL_SYSTEM_PROMPT = """
+Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading left-to-right, top-to-bottom, where '0' represents empty cells.
 
 **Rules:**
-- Fill every empty cell with a digit from 1 to 4.
-- Each row must contain the digits 1-4 exactly once.
-- Each column must contain the digits 1-4 exactly once.
-- Each of the four 2x2 boxes must contain the digits 1-4 exactly once.
+- Fill empty cells with digits 1-4.
+- Each row must contain digits 1-4 exactly once.
+- Each column must contain digits 1-4 exactly once.
+- Each 2x2 box must contain digits 1-4 exactly once.
 
-Your answer must be the COMPLETE solved grid: 16 digits 1-4, no spaces or separators.
+**Example:**
+Puzzle: 0401002010030310
+This puzzle grid looks like this:
+0 4 | 0 1
+0 0 | 2 0
+----+----
+1 0 | 0 3
+0 3 | 1 0
 
-Example:
-Puzzle: {EVAL_EXAMPLE_PUZZLE}
-Answer: {EVAL_EXAMPLE_SOLUTION}
+Solution: 2431312412434312
+The solved grid looks like this:
+2 4 | 3 1
+3 1 | 2 4
+----+----
+1 2 | 4 3
+4 3 | 1 2
+
+**Important:** Your solution must be a COMPLETE 16-character string with only the digits 1-4, representing your final solved grid.
 
 Respond in this exact format:
 <reasoning>
 Your step-by-step solving process
 </reasoning>
 <answer>
-[16-character solution string]
+[16-character solution string with no spaces or separators]
 </answer>
 """
 
@@ -283,19 +330,23 @@ def extract_answer_digits(text: str) -> str | None:
     return "".join(ch for ch in answer if ch.isdigit())
 
 
-def cell_score(predicted: str | None, puzzle: str, solution: str) -> float:
-    """Fraction of the puzzle's blank cells that ``predicted`` fills correctly.
+def correct_cells(predicted: str | None, puzzle: str, solution: str) -> tuple[int, int]:
+    """``(right, blanks)``: how many of the puzzle's blank cells ``predicted`` fills correctly, out of how many.
 
-    ``predicted`` is padded with ``0`` or truncated to 16 characters; None or empty scores 0, and so does a
-    puzzle without blanks.
+    ``predicted`` is padded with ``0`` or truncated to 16 characters; None or empty gets none right.
     """
-    if not predicted:
-        return 0.0
-    predicted = (predicted + "0" * NUM_CELLS)[:NUM_CELLS]
     blanks = [i for i in range(NUM_CELLS) if puzzle[i] == "0"]
-    if not blanks:
-        return 0.0
-    return sum(predicted[i] == solution[i] for i in blanks) / len(blanks)
+    if not predicted:
+        return 0, len(blanks)
+    predicted = (predicted + "0" * NUM_CELLS)[:NUM_CELLS]
+    return sum(predicted[i] == solution[i] for i in blanks), len(blanks)
+
+
+def cell_score(predicted: str | None, puzzle: str, solution: str) -> float:
+    """Fraction of the puzzle's blank cells that ``predicted`` fills correctly (0 for a puzzle without
+    blanks)."""
+    right, blanks = correct_cells(predicted, puzzle, solution)
+    return right / blanks if blanks else 0.0
 
 
 def reward_sudoku(completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
@@ -307,6 +358,50 @@ def reward_sudoku(completions: Sequence[str], examples: Sequence[dict]) -> list[
         except Exception:  # total by contract: a malformed example/completion scores 0
             out.append(0.0)
     return out
+
+
+# The official evaluation parser (GDSD ``eval/parse_and_get_acc.py``): the first of these patterns (searched
+# with DOTALL) whose first group is non-empty after stripping gives the answer.
+_OFFICIAL_ANSWER_PATTERNS = tuple(re.compile(p, re.DOTALL) for p in (
+    r"<answer>.*?```\s*([\d\s]+)```",                                   # a code fence of digits after <answer>
+    r"<answer>(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|</answer>)",         # the FIRST <answer> to a stop
+    r"</answer>\s*(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|$)",            # after the first </answer>
+    r".*?(\d{16})\s*</answer>",                                           # 16 digits right before </answer>
+    r"\b(\d{16})\b",                                                     # any whole 16-digit run
+))
+_WHITESPACE = re.compile(r"\s")
+
+
+def official_answer(text: str) -> str:
+    """The answer the official evaluation reads from a generation: the first pattern's group with ALL
+    whitespace deleted and nothing else (brackets and letters stay); ``""`` if no pattern gives one."""
+    for pattern in _OFFICIAL_ANSWER_PATTERNS:
+        m = pattern.search(text)
+        if m and m.group(1).strip():
+            return _WHITESPACE.sub("", m.group(1))
+    return ""
+
+
+def official_metrics(completions: Sequence[str], examples: Sequence[dict]) -> dict[str, list[float]]:
+    """Per completion: ``correct_cells`` and ``empty_cells`` (official parser, given cells never scored) and
+    their ratio ``accuracy``. A malformed example scores no cell right."""
+    right, empty = [], []
+    for text, ex in zip(completions, examples):
+        try:
+            r, e = correct_cells(official_answer(text), ex["puzzle"], ex["solution"])
+        except Exception:  # total by contract
+            r, e = 0, str(ex.get("puzzle", "")).count("0")
+        right.append(float(r))
+        empty.append(float(e))
+    return {"correct_cells": right, "empty_cells": empty,
+            "accuracy": [r / e if e else 0.0 for r, e in zip(right, empty)]}
+
+
+def pooled_cell_accuracy(metrics: dict[str, list[float]]) -> dict[str, float]:
+    """The official aggregation: cells right over empty cells, pooled over all puzzles (a fraction; the
+    paper prints it x100). It is cell accuracy, not the fraction of puzzles solved."""
+    right, empty = float(np.sum(metrics["correct_cells"])), float(np.sum(metrics["empty_cells"]))
+    return {"accuracy": right / empty if empty else 0.0, "correct_cells": right, "empty_cells": empty}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,35 +438,62 @@ class SudokuTask(Task):
 
     Args:
       train_file / test_file: optional CSV/JSONL/Parquet with columns ``Puzzle,Solution`` replacing the
-        generated train pool / the shipped test set.
+        generated train pool / the protocol's test set (with ``protocol="official"`` the official subset
+        rule still picks the rows of a test file).
       seed: seed of the generated train pool.
       train_per_grid: distinct puzzles per train grid in the generated pool.
+      protocol: ``"project"`` (the shipped generated test set, the last-tag parser, mean cell accuracy) or
+        ``"official"`` (the official test set, parser and pooled cell accuracy; module docstring).
     """
 
     name = "sudoku"
+    protocols = ("project", "official")
     supports_compact = True
     compact_prompt_length = COMPACT_PROMPT_LENGTH
     compact_completion_length = COMPACT_COMPLETION_LENGTH
 
-    def __init__(self, *, train_file=None, test_file=None, seed: int = 0, train_per_grid: int = 200):
+    def __init__(self, *, train_file=None, test_file=None, seed: int = 0, train_per_grid: int = 200,
+                 protocol: str = "project"):
         self.train_file, self.test_file = train_file, test_file
         self.seed, self.train_per_grid = seed, train_per_grid
+        self.protocol = check_protocol("SudokuTask protocol", protocol, self.protocols)
         self._cache: dict[str, list[dict]] = {}
 
     def examples(self, split: str) -> list[dict]:
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
         if split not in self._cache:
-            if split == "train":
-                rows = load_csv(self.train_file) if self.train_file else make_train_pool(self.seed, self.train_per_grid)
-            else:
-                rows = load_csv(self.test_file or shipped_test_path())
-            self._cache[split] = rows
+            self._cache[split] = self._train() if split == "train" else self._test()
         return self._cache[split]
 
+    def _test(self) -> list[dict]:
+        if self.protocol == "official":
+            return load_official_test(self.test_file)
+        return load_csv(self.test_file or shipped_test_path())
+
+    def _train(self) -> list[dict]:
+        """Train examples, none sharing a solution grid with the test set in use."""
+        test_grids = {ex["solution"] for ex in self.examples("test")}
+        if not self.train_file:
+            # project: the 240 train grids of grid_split, disjoint from the shipped test grids by construction
+            grids = grids_other_than(test_grids) if self.protocol == "official" else None
+            return make_train_pool(self.seed, self.train_per_grid, grid_indices=grids)
+        rows = load_csv(self.train_file)
+        kept = [r for r in rows if r["solution"] not in test_grids]
+        if len(kept) < len(rows):
+            log.info("sudoku: dropped %d of %d rows of %s whose solution grid solves a test puzzle",
+                     len(rows) - len(kept), len(rows), self.train_file)
+        if not kept:
+            raise DataError(self.train_file, None, "Solution", "every row's solution grid solves a test puzzle "
+                            f"of the {self.protocol!r} protocol: nothing is left to train on")
+        return kept
+
     def prompt_messages(self, example: dict, *, split: str = "train") -> list[dict]:
-        system = SYSTEM_PROMPT if split == "train" else EVAL_SYSTEM_PROMPT
-        return [{"role": "user", "content": f"{system}\n\nNow solve this Sudoku puzzle: {example['puzzle']}\n"}]
+        if split == "train":
+            content = f"{SYSTEM_PROMPT}\n\nNow solve this Sudoku puzzle: {example['puzzle']}\n"
+        else:
+            content = f"{EVAL_SYSTEM_PROMPT}\n\nSolve the following Sudoku puzzle: {example['puzzle']}\n"
+        return [{"role": "user", "content": content}]
 
     def prompt_prefill(self, *, split: str = "train") -> str:
         return "" if split == "train" else "<reasoning>"
@@ -380,8 +502,15 @@ class SudokuTask(Task):
         return [WeightedReward("sudoku", reward_sudoku)]
 
     def eval_metrics(self, completions, examples) -> dict[str, list[float]]:
+        if self.protocol == "official":
+            return official_metrics(completions, examples)
         acc = reward_sudoku(completions, examples)
         return {"accuracy": acc, "solved": [float(a == 1.0) for a in acc]}
+
+    def aggregate_metrics(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        if self.protocol == "official":
+            return pooled_cell_accuracy(metrics)
+        return super().aggregate_metrics(metrics)
 
     # The compact format (module functions above) as the Task interface's methods.
     compact_tokenizer = staticmethod(sudoku_tokenizer)
