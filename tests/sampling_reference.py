@@ -47,6 +47,17 @@ def _sample(logits: np.ndarray, temperature: float, rng) -> np.ndarray:
     return np.argmax(noisy, axis=-1)
 
 
+def _initial(prompt: np.ndarray, prompt_mask: np.ndarray | None, mask_id: int, gen_length: int):
+    """The prompt followed by ``gen_length`` masks [B, Lp + Lg], and its attention mask (or None)."""
+    b, lp = prompt.shape
+    x = np.full((b, lp + gen_length), mask_id, dtype=np.int64)
+    x[:, :lp] = prompt
+    am = None
+    if prompt_mask is not None:
+        am = np.concatenate([prompt_mask, np.ones((b, gen_length), prompt_mask.dtype)], axis=1)
+    return x, am
+
+
 def llada_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
                     eos_id: int, gen_length: int, steps: int, block_length: int, temperature: float = 0.0,
                     cfg_scale: float = 0.0, remasking: str = "low_confidence", logits_eos_inf: bool = False,
@@ -54,11 +65,7 @@ def llada_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
                     transfer_steps: np.ndarray | None = None) -> np.ndarray:
     """LLaDA ``generate``: returns x [B, Lp + Lg]."""
     b, lp = prompt.shape
-    x = np.full((b, lp + gen_length), mask_id, dtype=np.int64)
-    x[:, :lp] = prompt
-    am = None
-    if prompt_mask is not None:
-        am = np.concatenate([prompt_mask, np.ones((b, gen_length), prompt_mask.dtype)], axis=1)
+    x, am = _initial(prompt, prompt_mask, mask_id, gen_length)
     prompt_index = x != mask_id
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
@@ -170,11 +177,7 @@ def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
                     transfer_steps: np.ndarray | None = None) -> np.ndarray:
     """Dream ``diffusion_generate``: returns x [B, Lp + Lg]."""
     b, lp = prompt.shape
-    x = np.full((b, lp + gen_length), mask_id, dtype=np.int64)
-    x[:, :lp] = prompt
-    am = None
-    if prompt_mask is not None:
-        am = np.concatenate([prompt_mask, np.ones((b, gen_length), prompt_mask.dtype)], axis=1)
+    x, am = _initial(prompt, prompt_mask, mask_id, gen_length)
     timesteps = dream_timesteps_numpy(steps, eps)
     for i in range(steps):
         mask_index = x == mask_id
@@ -214,6 +217,37 @@ def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
                         idx = rng.choice(len(w), size=k, replace=False, p=w)
                     x[r, idx] = x_[r, idx]
     return x
+
+
+def threshold_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
+                        gen_length: int, block_length: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fast-dLLM's confidence-aware parallel decoding, greedy, a full forward every step (both families: the
+    confidence is the probability of the argmax token). Returns (x [B, Lp + Lg], forwards per row [B]).
+
+    Per block and row: while the row's block has a mask, reveal every masked position whose confidence is
+    >= threshold and at least the most confident one (ties: lower position); a row whose block is done
+    waits (no forward counted) for the others.
+    """
+    b, lp = prompt.shape
+    x, am = _initial(prompt, prompt_mask, mask_id, gen_length)
+    nfe = np.zeros(b, dtype=np.int64)
+    for nb in range(gen_length // block_length):
+        s0, s1 = lp + nb * block_length, lp + (nb + 1) * block_length
+        while (x[:, s0:s1] == mask_id).any():
+            logits = np.asarray(logits_fn(x, am), dtype=np.float64)[:, s0:s1].copy()
+            logits[:, :, mask_id] = -np.inf
+            x0 = np.argmax(logits, axis=-1)
+            conf = np.take_along_axis(_softmax(logits), x0[..., None], -1)[..., 0]
+            for r in range(b):
+                cand = np.nonzero(x[r, s0:s1] == mask_id)[0]
+                if len(cand) == 0:
+                    continue
+                nfe[r] += 1
+                reveal = [j for j in cand if conf[r, j] >= threshold]
+                best = cand[np.argmax(conf[r, cand])]
+                for j in set(reveal) | {best}:
+                    x[r, s0 + j] = x0[r, j]
+    return x, nfe
 
 
 def jax_logits_fn(params, cfg, *, lora=None, lora_scale: float = 1.0, mesh=None) -> LogitsFn:

@@ -89,6 +89,19 @@ def test_lora_bytes_match_closed_form(tmp_path):
     assert 0 <= row["optimizer"] - 2 * row["adapters"] <= 64
 
 
+def test_rollout_kv_cache_is_counted(tmp_path):
+    """sampling.cache=dual: k and v [N, B, L, KV, Dh] fp32, the 8 rollout rows split over fsdp = 8."""
+    small = [*SMALL, "rl.rollout_prompts_per_step=2", "lora.rank=8"]    # 8 rollout rows, one per device
+    plan = _plan(tmp_path, "--devices", "8", "--lora", "--remat", "full", *small,
+                 "sampling.cache=dual", "sampling.block_length=8", "sampling.steps=16")
+    (row,) = plan["rows"]
+    expected = 2 * N * 1 * (17 + 16) * H * DH * 4          # prompt 17 + completion 16 positions
+    assert row["kv_cache"] == expected
+    assert row["functions"]["rollout"]["temp"] >= expected   # the cache lives inside the compiled rollout
+    exact = _plan(tmp_path, "--devices", "8", "--lora", "--remat", "full", *small)
+    assert exact["rows"][0]["kv_cache"] == 0
+
+
 @pytest.mark.slow
 def test_more_devices_than_this_process_runs_in_a_child(tmp_path):
     """This test process has 8 CPU devices; 16 needs a child process with its own device count."""

@@ -60,6 +60,17 @@ def test_bad_value_is_named():
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["rl.micro_batch_size=7"]).validate()
 
 
+def test_fast_decoding_options_reach_the_samplers():
+    cfg = load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml",
+                      ["sampling.cache=dual", "sampling.block_length=8", "sampling.cache_refresh_every=2",
+                       "eval.sampling={threshold: 0.9}"]).validate()
+    rollout, evaluation = cfg.sampling_config(), cfg.eval_sampling_config()
+    assert (rollout.cache, rollout.cache_refresh_every, rollout.threshold) == ("dual", 2, None)
+    assert (evaluation.cache, evaluation.threshold) == ("dual", 0.9)
+    with pytest.raises(ConfigError, match=r"sampling: SamplingConfig\.threshold=1\.5"):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["sampling.threshold=1.5"]).validate()
+
+
 def test_overrides_parse_yaml_values():
     cfg = load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml",
                       ["optim.lr=3e-6", "lora.targets=[q,v]", "lora.enabled=true"])
@@ -285,6 +296,9 @@ def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "nonfinite_updates" in r]
     assert [r["nonfinite_updates"] for r in steps] == [0, 0, 1, 1]
+    # Rollout cost metrics: the exact sampler makes `steps` forwards per completion.
+    assert all(r["rollout_nfe"] == cfg.sampling_config().steps for r in steps)
+    assert all(0 < r["time_share_rollout"] < 1 and r["tokens_per_second_rollout"] > 0 for r in steps)
     # Checkpoints written before the failure are intact; the skipped updates left the parameters alone.
     ck = run_mod.RunCheckpointer(tmp_path / "checkpoints")
     assert ck.latest_step() == 3

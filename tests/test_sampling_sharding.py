@@ -17,6 +17,11 @@ SETTINGS = {
     "llada": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, return_unmask_step=True),
     "dream": SamplingConfig(gen_length=12, steps=6, alg="entropy", temperature=1.0, top_p=0.95,
                             return_unmask_step=True),
+    # Fast decoding: the KV cache (sharded like the activations) and the per-row threshold loop.
+    "llada_fast": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, cache="prefix",
+                                 threshold=0.3, return_unmask_step=True),
+    "dream_fast": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, cache="dual",
+                                 threshold=0.3, return_unmask_step=True),
 }
 
 
@@ -24,9 +29,10 @@ SETTINGS = {
 def cases():
     out = {}
     rng = np.random.default_rng(0)
-    for name, mk in (("llada", tiny_llada), ("dream", tiny_dream)):
+    for name, mk in (("llada", tiny_llada), ("dream", tiny_dream), ("llada_fast", tiny_llada),
+                     ("dream_fast", tiny_dream)):
         cfg = mk()
-        params = random_params(cfg, seed=8, std=0.3)
+        params = random_params(cfg, seed=8, std=1.0 if name.endswith("fast") else 0.3)
         ids = rng.integers(0, 240, size=(8, 6)).astype(np.int32)
         mask = np.ones_like(ids)
         ids[[1, 6], :3], mask[[1, 6], :3] = cfg.pad_token_id, 0
@@ -35,7 +41,8 @@ def cases():
     return out
 
 
-@pytest.mark.parametrize("name,axes", [("llada", (8, 1, 1)), ("dream", (2, 2, 2))])
+@pytest.mark.parametrize("name,axes", [("llada", (8, 1, 1)), ("dream", (2, 2, 2)), ("llada_fast", (4, 1, 2)),
+                                       ("dream_fast", (2, 2, 2))])
 def test_sharded_equals_unsharded(cases, name, axes):
     assert len(jax.devices()) == 8
     cfg, params, ids, mask, ref = cases[name]
@@ -49,6 +56,7 @@ def test_sharded_equals_unsharded(cases, name, axes):
     np.testing.assert_array_equal(np.asarray(out.sequences), ref.sequences)
     np.testing.assert_array_equal(np.asarray(out.unmask_step), ref.unmask_step)
     np.testing.assert_array_equal(np.asarray(out.completion_mask), ref.completion_mask)
+    np.testing.assert_array_equal(np.asarray(out.nfe), ref.nfe)
 
 
 def test_key_determinism(cases):

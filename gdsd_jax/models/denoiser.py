@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -350,9 +350,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin: jax.Array,
-          mask: jax.Array | None, mesh: Mesh | None, lora: Mapping | None, lora_scale: float) -> jax.Array:
-    """One pre-norm transformer block. h [B, L, D] -> [B, L, D]."""
+def _masked_concat_attention(q, k_cache, v_cache, k_new, v_new, mask_cache, mask_new, divisor):
+    """Attention of fresh queries over two key sets without concatenating the keys (no cache copy).
+
+    q [B, W, H, Dh]; k_cache, v_cache [B, L, KV, Dh]; k_new, v_new [B, W, KV, Dh]; mask_cache [B, 1, W, L] and
+    mask_new [B, 1, W, W] bool -> [B, W, H, Dh]. One fp32 softmax over the concatenated scores, so the result
+    is :func:`attention` over the keys ``k_cache ++ k_new`` (up to summation order). Inference only.
+    """
+    width, kv_heads = q.shape[1], k_cache.shape[2]
+    qt = _to_kv_major(q, kv_heads)                                        # [B, KV, G*W, Dh]
+
+    def scores(k, mask):
+        s = jnp.einsum("bkqd,bksd->bkqs", qt, k.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
+        if divisor is not None:
+            s = s / np.float32(divisor)
+        return _masked(s, mask, _NEG)
+
+    probs = jax.nn.softmax(jnp.concatenate([scores(k_cache, mask_cache), scores(k_new, mask_new)], axis=-1),
+                           axis=-1).astype(q.dtype)
+    n_cache = k_cache.shape[1]
+    out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :n_cache], v_cache.transpose(0, 2, 1, 3))
+           + jnp.einsum("bkqs,bksd->bkqd", probs[..., n_cache:], v_new.transpose(0, 2, 1, 3)))
+    return _from_kv_major(out, width)
+
+
+def block_with_kv(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin: jax.Array,
+                  mask: jax.Array | None, mesh: Mesh | None, lora: Mapping | None, lora_scale: float,
+                  past: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pre-norm transformer block that also returns its keys and values.
+
+    h [B, W, D] -> (h [B, W, D], k, v [B, W, KV, Dh] after RoPE, in the compute dtype). Without ``past`` the W
+    positions attend to each other (``mask`` [B, 1, W, W]). With ``past = (k_cache, v_cache, cache_mask)``
+    ([B, L, KV, Dh] twice and bool [B, 1, W, L]) they attend to the cached keys where ``cache_mask`` is True
+    plus their own fresh keys (``mask`` [B, 1, W, W], required): the cached forward of
+    :func:`cached_logits`.
+    """
     dtype = cfg.dtype
     merge = _merge_projections(mesh)
     x = rms_norm(h, layer["attn_norm"], cfg.rms_eps)
@@ -371,7 +404,12 @@ def block(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin
         # 1/sqrt(Dh) is a power of two (Dh = 4, 16, 64, 256...): scaling q instead of the [.., L, L] scores
         # is bitwise the same and saves a pass over the largest activation, forward and backward.
         q = q * jnp.asarray(1.0 / scale, dtype)
-    attn = attention(q, k, v, mask, None if exact else float(scale))
+    divisor = None if exact else float(scale)
+    if past is None:
+        attn = attention(q, k, v, mask, divisor)
+    else:
+        k_cache, v_cache, cache_mask = past
+        attn = _masked_concat_attention(q, k_cache, v_cache, k, v, cache_mask, mask, divisor)
     attn = constrain(attn, mesh, ("batch", "length", "heads", "head_dim"))
     h = h + _proj(attn, layer["o"], "blhk,hkd->bld", lora, "o", lora_scale, dtype)
     h = constrain(h, mesh, ("batch", "length", "act_embed"))
@@ -379,7 +417,13 @@ def block(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin
     g, u = _merged_proj(x, [layer["gate"], layer["up"]], lora, ["gate", "up"], lora_scale, dtype, merge)
     f = constrain(jax.nn.silu(g) * u, mesh, ("batch", "length", "mlp"))
     h = h + _proj(f, layer["down"], "blf,fd->bld", lora, "down", lora_scale, dtype)
-    return constrain(h, mesh, ("batch", "length", "act_embed"))
+    return constrain(h, mesh, ("batch", "length", "act_embed")), k, v
+
+
+def block(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin: jax.Array,
+          mask: jax.Array | None, mesh: Mesh | None, lora: Mapping | None, lora_scale: float) -> jax.Array:
+    """One pre-norm transformer block. h [B, L, D] -> [B, L, D]."""
+    return block_with_kv(cfg, layer, h, cos, sin, mask, mesh, lora, lora_scale)[0]
 
 
 def _remat(fn, policy: str):
@@ -392,6 +436,88 @@ def _remat(fn, policy: str):
     raise ValueError(f"unknown remat policy {policy!r}")
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer at every position: k, v [N, B, L, KV, Dh] in the compute dtype (keys
+    after RoPE), sharded like the activations (batch over the data axes, kv heads over ``tensor``)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+CACHE_AXES: tuple[str, ...] = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def _embed(params: Params, cfg: DenoiserConfig, tokens: jax.Array, positions: jax.Array,
+           mesh: Mesh | None) -> jax.Array:
+    """tokens, positions [B, W] -> input states [B, W, D] (compute dtype)."""
+    h = jnp.take(params["embed"], tokens, axis=0).astype(cfg.dtype)
+    if cfg.learned_positions:
+        h = h + jnp.take(params["pos_embed"], positions, axis=0).astype(cfg.dtype)
+    return constrain(h, mesh, ("batch", "length", "act_embed"))
+
+
+def _run_layers(params: Params, cfg: DenoiserConfig, h: jax.Array, cos: jax.Array, sin: jax.Array,
+                mask: jax.Array | None, mesh: Mesh | None, lora: Mapping | None, lora_scale: float, *,
+                past: tuple[KVCache, jax.Array] | None = None, collect: bool = False
+                ) -> tuple[jax.Array, KVCache | None]:
+    """All blocks over h [B, W, D] -> (final-normed raw states [B, W, D], this pass's KVCache if ``collect``).
+
+    ``past = (cache, cache_mask)``: every layer also attends to its cached keys where ``cache_mask``
+    [B, 1, W, L] is True (see :func:`block_with_kv`).
+    """
+    layer_lora = lora if lora else None
+
+    def body(h, xs):
+        layer, ll, kv = xs
+        layer_past = None if kv is None else (kv[0], kv[1], past[1])
+        h, k, v = block_with_kv(cfg, layer, h, cos, sin, mask, mesh, ll, lora_scale, layer_past)
+        return h, ((k, v) if collect else None)
+
+    body = _remat(body, cfg.remat)
+    cached = None if past is None else (past[0].k, past[0].v)
+    if cfg.scan_layers:
+        h, kv = jax.lax.scan(body, h, (params["layers"], layer_lora, cached))
+    else:
+        outs = []
+        for i in range(cfg.num_layers):
+            take = functools.partial(jax.tree.map, lambda a: a[i])
+            h, kv_i = body(h, (take(params["layers"]), take(layer_lora) if layer_lora else None,
+                               take(cached) if cached is not None else None))
+            outs.append(kv_i)
+        kv = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if collect else None
+    h = rms_norm(h, params["final_norm"], cfg.rms_eps)
+    if not collect:
+        return h, None
+    cache = KVCache(constrain(kv[0], mesh, CACHE_AXES), constrain(kv[1], mesh, CACHE_AXES))
+    return h, cache
+
+
+def _align(cfg: DenoiserConfig, raw: jax.Array, has_previous: bool) -> jax.Array:
+    """The one place Dream's next-token shift is undone: raw final states [B, W, D] of W consecutive
+    positions -> aligned states (``lm_head(h)[:, j]`` scores the j-th returned position).
+
+    LLaDA: unchanged. Dream (the raw state at ``i - 1`` predicts token ``i``): with ``has_previous`` the
+    window starts one position before the first scored one and ``W - 1`` states are returned; otherwise the
+    window starts at position 0, which keeps its own state, as upstream (it is never scored: a Dream prompt
+    is never empty).
+    """
+    if not cfg.shifted_logits:
+        return raw
+    if has_previous:
+        return raw[:, :-1]
+    return jnp.concatenate([raw[:, :1], raw[:, :-1]], axis=1)
+
+
+def _full_pass(params: Params, cfg: DenoiserConfig, tokens: jax.Array, attention_mask: jax.Array | None,
+               mesh: Mesh | None, lora: Mapping | None, lora_scale: float, collect: bool
+               ) -> tuple[jax.Array, KVCache | None]:
+    tokens = constrain(tokens, mesh, ("batch", "length"))
+    positions, mask = positions_and_mask(cfg, tokens, attention_mask)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    h = _embed(params, cfg, tokens, positions, mesh)
+    return _run_layers(params, cfg, h, cos, sin, mask, mesh, lora, lora_scale, collect=collect)
+
+
 def hidden_states(params: Params, cfg: DenoiserConfig, tokens: jax.Array,
                   attention_mask: jax.Array | None = None, *, mesh: Mesh | None = None,
                   lora: Mapping | None = None, lora_scale: float = 1.0, aligned: bool = True) -> jax.Array:
@@ -401,32 +527,8 @@ def hidden_states(params: Params, cfg: DenoiserConfig, tokens: jax.Array,
     For Dream the raw state at ``i-1`` predicts token ``i``; it is moved to ``i`` here (position 0 keeps
     its own state, as upstream, and is never scored because a Dream prompt is never empty).
     """
-    dtype = cfg.dtype
-    tokens = constrain(tokens, mesh, ("batch", "length"))
-    positions, mask = positions_and_mask(cfg, tokens, attention_mask)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
-    if cfg.learned_positions:
-        h = h + jnp.take(params["pos_embed"], positions, axis=0).astype(dtype)
-    h = constrain(h, mesh, ("batch", "length", "act_embed"))
-
-    layer_lora = lora if lora else None
-
-    def body(h, xs):
-        layer, ll = xs
-        return block(cfg, layer, h, cos, sin, mask, mesh, ll, lora_scale), None
-
-    body = _remat(body, cfg.remat)
-    if cfg.scan_layers:
-        h, _ = jax.lax.scan(body, h, (params["layers"], layer_lora))
-    else:
-        for i in range(cfg.num_layers):
-            take = functools.partial(jax.tree.map, lambda a: a[i])
-            h, _ = body(h, (take(params["layers"]), take(layer_lora) if layer_lora else None))
-    h = rms_norm(h, params["final_norm"], cfg.rms_eps)
-    if cfg.shifted_logits and aligned:
-        h = jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
-    return h
+    h, _ = _full_pass(params, cfg, tokens, attention_mask, mesh, lora, lora_scale, collect=False)
+    return _align(cfg, h, has_previous=False) if aligned else h
 
 
 def lm_head(params: Params, cfg: DenoiserConfig, hidden: jax.Array) -> jax.Array:
@@ -435,18 +537,77 @@ def lm_head(params: Params, cfg: DenoiserConfig, hidden: jax.Array) -> jax.Array
                       preferred_element_type=jnp.float32).astype(cfg.dtype)
 
 
-def logits(params: Params, cfg: DenoiserConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
-           *, positions: jax.Array | None = None, mesh: Mesh | None = None, lora: Mapping | None = None,
-           lora_scale: float = 1.0) -> jax.Array:
-    """Aligned logits. Without ``positions``: [B, L, V]. With positions [B, P] (int): [B, P, V], the LM
-    head evaluated only there (the memory-saving path for losses and samplers)."""
-    h = hidden_states(params, cfg, tokens, attention_mask, mesh=mesh, lora=lora, lora_scale=lora_scale)
+def _logits_at(params: Params, cfg: DenoiserConfig, h: jax.Array, positions: jax.Array | None,
+               mesh: Mesh | None) -> jax.Array:
     if positions is not None:
         h = jnp.take_along_axis(h, positions[..., None].astype(jnp.int32), axis=1)
     out = lm_head(params, cfg, h)
     if mesh is not None:
         out = constrain(out, mesh, ("batch", "length", "vocab"))
     return out
+
+
+def logits(params: Params, cfg: DenoiserConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
+           *, positions: jax.Array | None = None, mesh: Mesh | None = None, lora: Mapping | None = None,
+           lora_scale: float = 1.0) -> jax.Array:
+    """Aligned logits. Without ``positions``: [B, L, V]. With positions [B, P] (int): [B, P, V], the LM
+    head evaluated only there (the memory-saving path for losses and samplers)."""
+    h = hidden_states(params, cfg, tokens, attention_mask, mesh=mesh, lora=lora, lora_scale=lora_scale)
+    return _logits_at(params, cfg, h, positions, mesh)
+
+
+def logits_and_cache(params: Params, cfg: DenoiserConfig, tokens: jax.Array,
+                     attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
+                     mesh: Mesh | None = None, lora: Mapping | None = None, lora_scale: float = 1.0
+                     ) -> tuple[jax.Array, KVCache]:
+    """:func:`logits` (same values) plus the keys and values of every layer at every position.
+
+    tokens [B, L] -> (logits [B, P, V] (or [B, L, V]), :class:`KVCache` [N, B, L, KV, Dh]). The cache feeds
+    :func:`cached_logits`.
+    """
+    h, cache = _full_pass(params, cfg, tokens, attention_mask, mesh, lora, lora_scale, collect=True)
+    return _logits_at(params, cfg, _align(cfg, h, has_previous=False), positions, mesh), cache
+
+
+def context_lead(cfg: DenoiserConfig) -> int:
+    """Positions before ``start`` that :func:`cached_logits` also runs (1 for Dream, whose logit at ``i``
+    comes from the state at ``i - 1``; 0 for LLaDA)."""
+    return int(cfg.shifted_logits)
+
+
+def cached_logits(params: Params, cfg: DenoiserConfig, cache: KVCache, tokens: jax.Array,
+                  attention_mask: jax.Array | None, start: jax.Array | int, width: int, num_logits: int, *,
+                  mesh: Mesh | None = None, lora: Mapping | None = None, lora_scale: float = 1.0) -> jax.Array:
+    """Aligned logits of positions ``[start, start + num_logits)`` from a forward over a window only.
+
+    The layers run on the ``width + context_lead(cfg)`` positions ending at ``start + width`` (their fresh
+    keys and values computed from ``tokens``); every other position enters only through ``cache``, its keys
+    and values from an earlier :func:`logits_and_cache`. When the cache was computed from the same tokens the
+    result equals :func:`logits` at those positions (up to summation order); otherwise it is Fast-dLLM's
+    block-cache approximation (arXiv 2505.22618).
+
+    tokens [B, L] int, attention_mask [B, L] or None (the full row's, as for :func:`logits`), ``start`` a
+    static or traced int, ``width`` and ``num_logits <= width`` static -> [B, num_logits, V].
+    """
+    if not 0 < num_logits <= width:
+        raise ValueError(f"cached_logits: num_logits={num_logits} must be in [1, width={width}]")
+    lead = context_lead(cfg)
+    q0, w = start - lead, width + lead
+    b, length = tokens.shape
+    tokens = constrain(tokens, mesh, ("batch", "length"))
+    positions, mask = positions_and_mask(cfg, tokens, attention_mask)
+    rows = (jnp.ones((b, 1, w, length), bool) if mask is None
+            else jax.lax.dynamic_slice_in_dim(mask, q0, w, axis=2))           # [B, 1, W, L]
+    keys = jnp.arange(length)
+    outside = (keys < q0) | (keys >= q0 + w)                                   # cached keys: not recomputed
+    cache_mask = rows & outside[None, None, None, :]
+    window_mask = jax.lax.dynamic_slice_in_dim(rows, q0, w, axis=3)           # [B, 1, W, W]
+    pos_w = jax.lax.dynamic_slice_in_dim(positions, q0, w, axis=1)
+    cos, sin = rope_tables(pos_w, cfg.head_dim, cfg.rope_theta)
+    h = _embed(params, cfg, jax.lax.dynamic_slice_in_dim(tokens, q0, w, axis=1), pos_w, mesh)
+    h, _ = _run_layers(params, cfg, h, cos, sin, window_mask, mesh, lora, lora_scale, past=(cache, cache_mask))
+    h = _align(cfg, h, has_previous=lead == 1)[:, :num_logits]
+    return _logits_at(params, cfg, h, None, mesh)
 
 
 def raw_logits(params: Params, cfg: DenoiserConfig, tokens: jax.Array,

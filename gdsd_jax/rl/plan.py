@@ -18,6 +18,10 @@ What is reported (all per device):
 * ``buffer``: the rollout buffer kept on device during one RL step: the batch, and for each of the
   ``num_iterations`` inner iterations its masks and old/reference statistics.
 * ``policy_copy``: LoRA only, the scaled ``B`` copy described below.
+* ``kv_cache``: the rollout's block KV cache (``sampling.cache`` prefix / dual; 0 without): keys and values
+  [layers, B, L, kv_heads, head_dim] in the compute dtype, sharded like the activations. It lives inside
+  the compiled rollout, so it is part of the rollout's temporaries (and of the rollout phase); the column
+  shows how much of them it is.
 * per compiled function: ``argument``, ``output``, ``alias``, ``temp`` and ``live = argument + output -
   alias + temp`` (the per-device footprint of one call, the measure MaxText prints).
 
@@ -231,6 +235,19 @@ def per_device_bytes(tree) -> int:
     return total
 
 
+def kv_cache_bytes(model_cfg: DenoiserConfig, sampling_cfg, rows: int, length: int, mesh: Mesh) -> int:
+    """Per-device bytes of the rollout's KV cache: k and v [N, rows, length, KV, Dh] in the compute dtype,
+    sharded like the activations (batch over the data axes, kv heads over ``tensor``); 0 without a cache."""
+    from gdsd_jax.distributed.mesh import named_sharding
+    from gdsd_jax.models.denoiser import CACHE_AXES
+
+    if sampling_cfg.cache == "none":
+        return 0
+    shape = (model_cfg.num_layers, rows, length, model_cfg.num_kv_heads, model_cfg.head_dim)
+    one = jax.ShapeDtypeStruct(shape, model_cfg.dtype, sharding=named_sharding(mesh, CACHE_AXES, shape))
+    return 2 * per_device_bytes(one)
+
+
 def _with_shardings(shapes, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -282,6 +299,7 @@ class PlanRow:
     reference: int
     buffer: int
     policy_copy: int
+    kv_cache: int
     functions: dict[str, FunctionMemory]
     phases: dict[str, int]
 
@@ -409,6 +427,8 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
         funcs["rollout"], _ = _compile(tr._rollout, state["trainable"], frozen, inp["prompt_ids"],
                                        inp["prompt_mask"], inp["key"], tr.sampling_cfg)
         note("rollout", funcs["rollout"])
+        kv_cache = kv_cache_bytes(tr.model_cfg, tr.sampling_cfg, inp["prompt_ids"].shape[0],
+                                  inp["prompt_ids"].shape[1] + tr.sampling_cfg.gen_length, mesh)
         funcs["masks"], masks = _compile(tr._draw_masks, inp["key"], batch)
         note("masks", funcs["masks"])
         old = ref = None
@@ -457,7 +477,7 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
             rows.append(PlanRow(model=model_name or model_cfg.family, mode=mode, remat=remat, devices=n_dev,
                                 mesh=dict(mesh.shape), param_dtype=model_cfg.param_dtype, params=params,
                                 adapters=adapters, optimizer=optimizer, reference=reference, buffer=buffer,
-                                policy_copy=b_copy, functions=f, phases=phases))
+                                policy_copy=b_copy, kv_cache=kv_cache, functions=f, phases=phases))
     bar.close()
     return rows
 
@@ -485,7 +505,7 @@ def format_table(rows: Sequence[PlanRow], markdown: bool = False) -> str:
     statistics / update, the step peak and its phase, and the TPU generations that hold it."""
     unit, scale = table_unit(rows)
     head = ["devices", "mesh", "mode", "remat", "params", "adapters", "optimizer", "reference", "buffer",
-            "rollout temp", "stats temp", "update temp", "update args", "peak", "peak phase", "fits (headroom GiB)"]
+            "rollout temp", "kv cache", "stats temp", "update temp", "update args", "peak", "peak phase", "fits (headroom GiB)"]
     lines = []
 
     def _gib(x: int) -> str:
@@ -495,7 +515,7 @@ def format_table(rows: Sequence[PlanRow], markdown: bool = False) -> str:
         stats = max((r.functions[k].temp for k in ("statistics", "statistics_ref") if k in r.functions), default=0)
         lines.append([str(r.devices), mesh_label(r.mesh), r.mode, r.remat, _gib(r.params), _gib(r.adapters),
                       _gib(r.optimizer), _gib(r.reference), _gib(r.buffer), _gib(r.functions["rollout"].temp),
-                      _gib(stats), _gib(r.functions["update"].temp), _gib(r.functions["update"].argument),
+                      _gib(r.kv_cache), _gib(stats), _gib(r.functions["update"].temp), _gib(r.functions["update"].argument),
                       _gib(r.peak), r.peak_phase, fits_label(r)])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

@@ -289,6 +289,7 @@ class RLTrainer:
         out = self._rollout(state["trainable"], frozen, pid, pmask, gen_key, self.sampling_cfg)
         seqs = multihost.local_rows(out.sequences)
         cmask = multihost.local_rows(out.completion_mask)
+        nfe = multihost.host_allgather(multihost.local_rows(out.nfe))
         timings["time_generation"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -360,6 +361,12 @@ class RLTrainer:
         total = sum(timings.values())
         metrics.update(timings)
         metrics["tokens_per_second"] = float(rewards.shape[0] * seqs.shape[1] / max(total, 1e-9))
+        # Rollout cost: model forwards per completion (fewer with a threshold), generated tokens per second
+        # and the rollout's share of the step time (see docs/sampling.md, fast decoding).
+        metrics["rollout_nfe"] = float(nfe.mean())
+        metrics["tokens_per_second_rollout"] = float(
+            rewards.shape[0] * self.sampling_cfg.gen_length / max(timings["time_generation"], 1e-9))
+        metrics["time_share_rollout"] = float(timings["time_generation"] / max(total, 1e-9))
         return state, metrics
 
 

@@ -8,11 +8,14 @@ Usage::
                        SamplingConfig(gen_length=256, steps=128, block_length=32, temperature=1.0))
     out.sequences, out.completion_mask
 
+``cache="prefix"|"dual"`` and ``threshold=...`` switch on Fast-dLLM's block KV cache and confidence-aware
+parallel decoding (:mod:`gdsd_jax.sampling.blockwise`); ``out.nfe`` counts the model forwards per row.
+
 See ``docs/sampling.md`` for the algorithms and where they differ from the upstream PyTorch code.
 """
 
 from gdsd_jax.sampling.common import SampleOutput, completion_mask
-from gdsd_jax.sampling.config import ALGORITHMS, REMASKING, SAMPLERS, SamplingConfig
+from gdsd_jax.sampling.config import ALGORITHMS, CACHES, REMASKING, SAMPLERS, SamplingConfig
 from gdsd_jax.sampling.dream import dream_generate, sample_tokens
 from gdsd_jax.sampling.api import check_inputs, generate, generate_jit
 from gdsd_jax.sampling.llada import llada_generate
@@ -20,7 +23,7 @@ from gdsd_jax.sampling.schedules import (dream_origin_probs, dream_timesteps, dr
                                          llada_transfer_schedule)
 
 __all__ = [
-    "ALGORITHMS", "REMASKING", "SAMPLERS", "SampleOutput", "SamplingConfig", "check_inputs", "completion_mask",
+    "ALGORITHMS", "CACHES", "REMASKING", "SAMPLERS", "SampleOutput", "SamplingConfig", "check_inputs", "completion_mask",
     "dream_generate", "dream_origin_probs", "dream_timesteps", "dream_transfer_schedule", "generate",
     "generate_jit", "llada_generate", "llada_transfer_schedule", "sample_tokens",
 ]

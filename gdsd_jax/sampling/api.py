@@ -34,7 +34,7 @@ def check_inputs(model_cfg: DenoiserConfig, prompt_shape: tuple[int, ...], mask_
         raise ValueError(f"prompt length {prompt_shape[1]} + gen_length {cfg.gen_length} = {total} exceeds the "
                          f"model's max_seq_len {model_cfg.max_seq_len}")
     if sampler == "llada":
-        cfg.check_llada()
+        cfg.check_blocks()
     elif prompt_shape[1] < 1:
         raise ValueError("the Dream sampler needs a non-empty prompt: its logit at position i comes from "
                          "the token at i - 1")
@@ -51,7 +51,7 @@ def generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, prompt_ma
 
     Pure and traceable: call it inside your own ``jit`` (with ``model_cfg``, ``sampling_cfg`` and ``mesh``
     static), or use :data:`generate_jit`. The denoising loop is a ``lax.fori_loop`` (one compiled program per
-    shapes and settings), all randomness comes from ``key`` (same key, same output, sharded or not).
+    shapes and settings; a ``while_loop`` per block when decoding fast), all randomness comes from ``key`` (same key, same output, sharded or not).
 
     Args:
       params: the denoiser's params tree (:mod:`gdsd_jax.models.denoiser`).
@@ -64,7 +64,8 @@ def generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, prompt_ma
       lora / lora_scale: optional LoRA adapters passed through to the model.
 
     Returns:
-      :class:`SampleOutput` (sequences [B, Lp + Lg], completion_mask [B, Lg], unmask_step [B, Lg]).
+      :class:`SampleOutput` (sequences [B, Lp + Lg], completion_mask [B, Lg], unmask_step [B, Lg], nfe [B],
+      tokens_processed [B]).
     """
     prompt_ids = jnp.asarray(prompt_ids)
     if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
@@ -74,7 +75,7 @@ def generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, prompt_ma
     sampler = check_inputs(model_cfg, prompt_ids.shape, None if prompt_mask is None else prompt_mask.shape,
                            sampling_cfg)
     run = llada_generate if sampler == "llada" else dream_generate
-    seqs, unmask = run(params, model_cfg, prompt_ids.astype(jnp.int32), prompt_mask, key, sampling_cfg,
+    seqs, unmask, nfe, processed = run(params, model_cfg, prompt_ids.astype(jnp.int32), prompt_mask, key, sampling_cfg,
                        mesh=mesh, lora=lora, lora_scale=lora_scale)
     lp = prompt_ids.shape[1]
     if sampling_cfg.stop_at_eos:
@@ -83,7 +84,8 @@ def generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, prompt_ma
         cmask = jnp.ones((seqs.shape[0], sampling_cfg.gen_length), jnp.int32)
     if not sampling_cfg.return_unmask_step:
         unmask = jnp.full_like(unmask, -1)
-    return SampleOutput(sequences=seqs, completion_mask=cmask, unmask_step=unmask)
+    return SampleOutput(sequences=seqs, completion_mask=cmask, unmask_step=unmask, nfe=nfe,
+                        tokens_processed=processed)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 5), static_argnames=("model_cfg", "sampling_cfg", "mesh"))

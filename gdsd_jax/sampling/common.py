@@ -27,11 +27,17 @@ class SampleOutput(NamedTuple):
         when ``stop_at_eos`` is off).
       unmask_step: int32 [B, Lg], the 0-based step at which each completion token was revealed, or all -1
         when ``return_unmask_step`` is off.
+      nfe: int32 [B], model forwards the row needed (NFE; a guided step counts two). Rows of a batch that
+        finish a block early (``threshold``) stop counting while the others go on.
+      tokens_processed: int32 [B], positions the row ran through the layers over those forwards (the
+        sequence length for a full forward, the window for a cached one).
     """
 
     sequences: jax.Array
     completion_mask: jax.Array
     unmask_step: jax.Array
+    nfe: jax.Array
+    tokens_processed: jax.Array
 
 
 def completion_mask(completion: jax.Array, eos_id: int) -> jax.Array:
@@ -108,6 +114,14 @@ def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
     k = min(int(top_k), logits.shape[-1])
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
     return jnp.where(logits < kth, FILTERED, logits)
+
+
+def select_above(scores: jax.Array, masked: jax.Array, threshold: float) -> jax.Array:
+    """Boolean [B, P]: Fast-dLLM's confidence-aware parallel decoding rule. Every ``masked`` position whose
+    score is ``>= threshold``, and at least the highest-scoring masked one (ties: lower position); nothing in
+    a row without a masked position."""
+    scores = jnp.where(masked, scores, NEG_INF)
+    return masked & ((scores >= jnp.float32(threshold)) | select_top(scores, 1))
 
 
 def select_top(scores: jax.Array, k: jax.Array) -> jax.Array:

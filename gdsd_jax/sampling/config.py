@@ -8,6 +8,7 @@ import math
 REMASKING: tuple[str, ...] = ("low_confidence", "random")
 ALGORITHMS: tuple[str, ...] = ("origin", "maskgit_plus", "topk_margin", "entropy")
 SAMPLERS: tuple[str, ...] = ("auto", "llada", "dream")
+CACHES: tuple[str, ...] = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,21 @@ class SamplingConfig:
       top_p / top_k: nucleus / top-k filtering of the tempered logits (``None`` disables them; ``top_p=1``
         is the same as ``None``). Applied also at temperature 0, where they change the confidences.
       eps: final timestep of ``linspace(1, eps, steps + 1)``.
+
+    Fast decoding (Fast-dLLM, arXiv 2505.22618; both samplers, off by default, see docs/sampling.md). These
+    decode block by block (``block_length``; ``None`` is one block) with ``steps // num_blocks`` steps per
+    block (the Dream schedule runs per block), and do not support ``cfg_scale > 0``:
+      cache: ``"none"`` (every step is a full forward), ``"prefix"`` (a full forward at the start of each
+        block caches the keys/values of every position; the other steps run the layers on the current block
+        and the masked suffix after it, attending to the cached prefix) or ``"dual"`` (the steps run the
+        layers on the block only, attending to the cached prefix and suffix). With one block (``block_length``
+        None or ``gen_length``) the two coincide: only the prompt is cached.
+      cache_refresh_every: recompute the cache every k steps inside a block (``None``: once per block, at its
+        first step). 1 recomputes it at every step, which is the exact sampler.
+      threshold: confidence-aware parallel decoding: each step reveals every masked position of the block
+        whose confidence (probability of its sampled token) is ``>= threshold``, and at least the most
+        confident one; a block ends when no mask is left (at most ``block_length`` steps per block).
+        ``None`` keeps the fixed schedule of ``steps``.
     """
 
     gen_length: int = 256
@@ -65,6 +81,9 @@ class SamplingConfig:
     sampler: str = "auto"
     stop_at_eos: bool = True
     return_unmask_step: bool = False
+    cache: str = "none"
+    cache_refresh_every: int | None = None
+    threshold: float | None = None
 
     def __post_init__(self):
         def fail(name: str, expected: str):
@@ -99,10 +118,42 @@ class SamplingConfig:
             fail("sampler", f"one of {SAMPLERS}")
         if self.eot_token_id is not None and (not isinstance(self.eot_token_id, int) or self.eot_token_id < 0):
             fail("eot_token_id", "None or a non-negative token id")
-        if self.sampler == "llada":
-            self.check_llada()
+        self._check_fast_decoding(fail)
+        if self.sampler == "llada" or self.blockwise:
+            self.check_blocks()
 
-    # ---- LLaDA block layout ------------------------------------------------------------------------
+    def _check_fast_decoding(self, fail) -> None:
+        if self.cache not in CACHES:
+            fail("cache", f"one of {CACHES}")
+        if self.cache_refresh_every is not None:
+            if (isinstance(self.cache_refresh_every, bool) or not isinstance(self.cache_refresh_every, int)
+                    or self.cache_refresh_every < 1):
+                fail("cache_refresh_every", "None (once per block) or an integer >= 1")
+            if self.cache == "none":
+                fail("cache_refresh_every", "None when cache='none' (there is no cache to refresh)")
+        if self.threshold is not None:
+            if isinstance(self.threshold, bool) or not (isinstance(self.threshold, (int, float))
+                                                        and 0 < self.threshold <= 1):
+                fail("threshold", "None or a number in (0, 1]")
+            if self.remasking != "low_confidence":
+                fail("threshold", "None with remasking='random' (a threshold needs a confidence)")
+            if self.alg_temp:
+                fail("threshold", "None with alg_temp > 0 (a threshold reveals by confidence, not by a draw)")
+        if self.blockwise and self.cfg_scale > 0:
+            fail("cfg_scale", f"0 with cache={self.cache!r} / threshold={self.threshold!r} (classifier-free "
+                              "guidance is only supported by the exact samplers)")
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the fast block-wise decoder runs (a cache or a confidence threshold is set)."""
+        return self.cache != "none" or self.threshold is not None
+
+    @property
+    def max_steps_per_block(self) -> int:
+        """Loop bound of one block: ``block_length`` with a threshold, else ``steps_per_block``."""
+        return self.llada_block_length if self.threshold is not None else self.steps_per_block
+
+    # ---- block layout (LLaDA, and both samplers when decoding fast) ------------------------------------------------------------------------
     @property
     def llada_block_length(self) -> int:
         return self.gen_length if self.block_length is None else self.block_length
@@ -115,12 +166,12 @@ class SamplingConfig:
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
-    def check_llada(self) -> None:
-        """Raise if the block layout is invalid for the LLaDA sampler (errors name the setting)."""
+    def check_blocks(self) -> None:
+        """Raise if the block layout is invalid (errors name the setting)."""
         blk = self.llada_block_length
         if self.gen_length % blk:
             raise ValueError(f"SamplingConfig.gen_length={self.gen_length} is not divisible by "
-                             f"block_length={blk}: the LLaDA sampler decodes whole blocks")
+                             f"block_length={blk}: the sampler decodes whole blocks")
         nb = self.gen_length // blk
         if self.steps < nb:
             raise ValueError(f"SamplingConfig.steps={self.steps} is less than the number of blocks "

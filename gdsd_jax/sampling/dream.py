@@ -25,8 +25,9 @@ from jax.sharding import Mesh
 from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
-from gdsd_jax.sampling.common import (NEG_INF, gumbel_argmax, select_top, set_columns, top_k_filter,
-                                      top_p_filter)
+from gdsd_jax.sampling.blockwise import decode_blocks
+from gdsd_jax.sampling.common import (NEG_INF, gumbel_argmax, select_above, select_top, set_columns,
+                                      top_k_filter, top_p_filter)
 from gdsd_jax.sampling.config import SamplingConfig
 from gdsd_jax.sampling.schedules import dream_origin_probs, dream_transfer_schedule
 
@@ -66,19 +67,26 @@ _CONFIDENCE = {"origin": "prob", "maskgit_plus": "prob", "topk_margin": "margin"
 
 def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, prompt_mask: jax.Array | None,
                    key: jax.Array, cfg: SamplingConfig, *, mesh: Mesh | None = None,
-                   lora: Mapping | None = None, lora_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                   lora: Mapping | None = None, lora_scale: float = 1.0
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Run the Dream sampler. prompt_ids [B, Lp] int32, prompt_mask [B, Lp] or None.
 
-    Returns ``(sequences [B, Lp + Lg] int32, unmask_step [B, Lg] int32)``.
+    Returns ``(sequences [B, Lp + Lg], unmask_step [B, Lg], nfe [B], tokens_processed [B])``, int32. A cache
+    or a threshold runs the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's
+    step, Dream's schedule applied per block of ``block_length`` (``None``: one block, upstream's schedule).
     """
     bsz, lp = prompt_ids.shape
-    lg, steps = cfg.gen_length, cfg.steps
+    lg = cfg.gen_length
     mask_id = model_cfg.mask_token_id
+    # The schedule of one block (the whole completion for the exact sampler).
+    blk, steps = (cfg.llada_block_length, cfg.steps_per_block) if cfg.blockwise else (lg, cfg.steps)
     if cfg.alg == "origin":
         table = jnp.asarray(dream_origin_probs(steps, cfg.eps))          # float32 [steps]
     else:
-        table = jnp.asarray(dream_transfer_schedule(lg, steps, cfg.eps))  # int32 [steps]
+        table = jnp.asarray(dream_transfer_schedule(blk, steps, cfg.eps))  # int32 [steps]
     greedy_select = cfg.alg_temp is None or cfg.alg_temp == 0
+    # With a threshold, positions are revealed by the probability of their sampled token (Fast-dLLM).
+    confidence = "prob" if cfg.threshold is not None else _CONFIDENCE[cfg.alg]
 
     x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((bsz, lg), mask_id, jnp.int32)], axis=1)
     x = constrain(x, mesh, ("batch", "length"))
@@ -86,32 +94,41 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     if prompt_mask is not None:
         am = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((bsz, lg), jnp.int32)], axis=1)
         am = constrain(am, mesh, ("batch", "length"))
+
+    def step_fn(logits, cur, masked, i, key):
+        """One step on the block: logits [B, P, V] f32 -> (tokens [B, P], positions to reveal [B, P])."""
+        k_tok, k_sel = jax.random.split(key)
+        # The mask token is never a sampling outcome (see docs/sampling.md).
+        logits = set_columns(logits, [mask_id], NEG_INF)
+        conf, x0 = sample_tokens(logits, k_tok, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                 confidence=confidence)
+        if cfg.threshold is not None:
+            return x0, select_above(conf, masked, cfg.threshold)
+        if cfg.alg == "origin":
+            return x0, masked & (jax.random.uniform(k_sel, masked.shape, jnp.float32) < table[i])
+        scores = jnp.where(masked, conf, NEG_INF)
+        if not greedy_select:
+            g = jax.random.gumbel(k_sel, masked.shape, jnp.float32)
+            scores = jnp.where(masked, scores / jnp.float32(cfg.alg_temp) + g, NEG_INF)
+        return x0, select_top(scores, table[i]) & masked
+
+    if cfg.blockwise:
+        return decode_blocks(params, model_cfg, x, am, lp, key, cfg, step_fn, mesh=mesh, lora=lora,
+                             lora_scale=lora_scale)
+
     pos = jnp.broadcast_to(lp + jnp.arange(lg, dtype=jnp.int32), (bsz, lg))
-    unmask = jnp.full((bsz, lg), -1, jnp.int32)
 
     def body(step, carry):
         x, unmask = carry
-        k_tok, k_sel = jax.random.split(jax.random.fold_in(key, step))
         out = denoiser.logits(params, model_cfg, x, am, positions=pos, mesh=mesh, lora=lora,
                               lora_scale=lora_scale).astype(jnp.float32)          # [B, Lg, V]
-        # The mask token is never a sampling outcome (see docs/sampling.md).
-        out = set_columns(out, [mask_id], NEG_INF)
-        conf, x0 = sample_tokens(out, k_tok, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 confidence=_CONFIDENCE[cfg.alg])
         cur = x[:, lp:]
-        masked = cur == mask_id
-        if cfg.alg == "origin":
-            chosen = masked & (jax.random.uniform(k_sel, (bsz, lg), jnp.float32) < table[step])
-        else:
-            scores = jnp.where(masked, conf, NEG_INF)
-            if not greedy_select:
-                g = jax.random.gumbel(k_sel, (bsz, lg), jnp.float32)
-                scores = jnp.where(masked, scores / jnp.float32(cfg.alg_temp) + g, NEG_INF)
-            chosen = select_top(scores, table[step]) & masked
+        x0, chosen = step_fn(out, cur, cur == mask_id, step, jax.random.fold_in(key, step))
         x = x.at[:, lp:].set(jnp.where(chosen, x0, cur))
         x = constrain(x, mesh, ("batch", "length"))
         unmask = jnp.where(chosen, step, unmask)
         return x, unmask
 
-    x, unmask = jax.lax.fori_loop(0, steps, body, (x, unmask))
-    return x, unmask
+    x, unmask = jax.lax.fori_loop(0, steps, body, (x, jnp.full((bsz, lg), -1, jnp.int32)))
+    nfe = jnp.full((bsz,), steps, jnp.int32)
+    return x, unmask, nfe, nfe * x.shape[1]

@@ -25,20 +25,25 @@ from jax.sharding import Mesh
 from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
-from gdsd_jax.sampling.common import NEG_INF, gumbel_argmax, log_prob_of, select_top, set_columns
+from gdsd_jax.sampling.blockwise import decode_blocks
+from gdsd_jax.sampling.common import (NEG_INF, gumbel_argmax, log_prob_of, select_above, select_top,
+                                      set_columns)
 from gdsd_jax.sampling.config import SamplingConfig
 from gdsd_jax.sampling.schedules import llada_transfer_schedule
 
 
 def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, prompt_mask: jax.Array | None,
                    key: jax.Array, cfg: SamplingConfig, *, mesh: Mesh | None = None,
-                   lora: Mapping | None = None, lora_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                   lora: Mapping | None = None, lora_scale: float = 1.0
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Run the LLaDA sampler. prompt_ids [B, Lp] int32, prompt_mask [B, Lp] or None.
 
-    Returns ``(sequences [B, Lp + Lg] int32, unmask_step [B, Lg] int32)``; ``unmask_step`` is the global
-    step (``block * steps_per_block + i``) at which each completion token was revealed.
+    Returns ``(sequences [B, Lp + Lg], unmask_step [B, Lg], nfe [B], tokens_processed [B])``, int32;
+    ``unmask_step`` is the global step (``block * steps_per_block + i``; with a threshold
+    ``block * block_length + i``) at which each completion token was revealed. A cache or a threshold runs
+    the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's step.
     """
-    cfg.check_llada()
+    cfg.check_blocks()
     bsz, lp = prompt_ids.shape
     lg, blk, spb = cfg.gen_length, cfg.llada_block_length, cfg.steps_per_block
     mask_id = model_cfg.mask_token_id
@@ -50,12 +55,29 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     if prompt_mask is not None:
         am = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((bsz, lg), jnp.int32)], axis=1)
         am = constrain(am, mesh, ("batch", "length"))
-    unmask = jnp.full((bsz, lg), -1, jnp.int32)
 
     # Vocabulary columns that may never be sampled: the mask token itself (a denoiser's output is a clean
     # token; upstream could in principle emit the mask id and leave the position masked), and EOS when asked.
     banned = [mask_id] + ([model_cfg.eos_token_id] if cfg.logits_eos_inf else [])
     no_conf = [model_cfg.eos_token_id] + ([cfg.eot_token_id] if cfg.eot_token_id is not None else [])
+
+    def step_fn(logits, cur, masked, i, key):
+        """One step on the block: logits [B, blk, V] f32 -> (tokens [B, blk], positions to reveal [B, blk])."""
+        k_tok, k_conf = jax.random.split(key)
+        logits = set_columns(logits, banned, NEG_INF)
+        x0 = gumbel_argmax(logits, cfg.temperature, k_tok)               # [B, blk]
+        if cfg.remasking == "low_confidence":
+            conf_logits = set_columns(logits, no_conf, NEG_INF) if cfg.confidence_eos_eot_inf else logits
+            conf = jnp.exp(log_prob_of(conf_logits, x0))                 # un-tempered p(x0), float32
+        else:
+            conf = jax.random.uniform(k_conf, (bsz, blk), jnp.float32)
+        if cfg.threshold is not None:
+            return x0, select_above(conf, masked, cfg.threshold)
+        return x0, select_top(jnp.where(masked, conf, NEG_INF), counts[i]) & masked
+
+    if cfg.blockwise:
+        return decode_blocks(params, model_cfg, x, am, lp, key, cfg, step_fn, mesh=mesh, lora=lora,
+                             lora_scale=lora_scale)
 
     def block_logits(x, start):
         pos = jnp.broadcast_to(start + jnp.arange(blk, dtype=jnp.int32), (bsz, blk))
@@ -76,22 +98,15 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         x, unmask = carry
         b, i = step // spb, step % spb
         start = lp + b * blk
-        k_tok, k_conf = jax.random.split(jax.random.fold_in(key, step))
-        lg_ = set_columns(block_logits(x, start), banned, NEG_INF)
-        x0 = gumbel_argmax(lg_, cfg.temperature, k_tok)                  # [B, blk]
-        if cfg.remasking == "low_confidence":
-            conf_logits = set_columns(lg_, no_conf, NEG_INF) if cfg.confidence_eos_eot_inf else lg_
-            conf = jnp.exp(log_prob_of(conf_logits, x0))                 # un-tempered p(x0), float32
-        else:
-            conf = jax.random.uniform(k_conf, (bsz, blk), jnp.float32)
         cur = jax.lax.dynamic_slice_in_dim(x, start, blk, axis=1)
-        masked = cur == mask_id
-        chosen = select_top(jnp.where(masked, conf, NEG_INF), counts[i]) & masked
+        x0, chosen = step_fn(block_logits(x, start), cur, cur == mask_id, i, jax.random.fold_in(key, step))
         x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, x0, cur), start, axis=1)
         x = constrain(x, mesh, ("batch", "length"))
         ublk = jax.lax.dynamic_slice_in_dim(unmask, b * blk, blk, axis=1)
         unmask = jax.lax.dynamic_update_slice_in_dim(unmask, jnp.where(chosen, step, ublk), b * blk, axis=1)
         return x, unmask
 
-    x, unmask = jax.lax.fori_loop(0, cfg.steps, body, (x, unmask))
-    return x, unmask
+    x, unmask = jax.lax.fori_loop(0, cfg.steps, body, (x, jnp.full((bsz, lg), -1, jnp.int32)))
+    forwards = cfg.steps * (2 if cfg.cfg_scale > 0 else 1)
+    nfe = jnp.full((bsz,), forwards, jnp.int32)
+    return x, unmask, nfe, nfe * x.shape[1]
