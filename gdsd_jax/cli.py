@@ -2,15 +2,29 @@
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 Modules are imported only when their command runs, so ``gdsd-jax --help`` stays fast.
+
+Errors the user can fix (a :class:`~gdsd_jax.errors.UserError`, a missing or existing path, a full disk)
+are printed as one line and exit with status 1; ``--debug`` anywhere on the command line (or
+``GDSD_JAX_DEBUG=1``) lets them raise with their traceback. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+from collections.abc import Iterator
 
 from gdsd_jax.allocator import preload_tcmalloc
+from gdsd_jax.errors import UserError
+
+DEBUG_ENV = "GDSD_JAX_DEBUG"
+#: OS errors about a path the user gave (their message names it).
+_PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 COMMANDS: dict[str, str] = {
     "train": "RL post-training (GDSD and baselines); default: the embedded tiny 4x4 Sudoku run",
@@ -31,7 +45,10 @@ def _module(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gdsd-jax", description="GDSD RL post-training of diffusion LMs in JAX")
+    parser = argparse.ArgumentParser(
+        prog="gdsd-jax", description="GDSD RL post-training of diffusion LMs in JAX",
+        epilog=f"Errors are printed as one line; --debug (anywhere on the command line) or {DEBUG_ENV}=1 shows "
+               f"the traceback.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -48,10 +65,51 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for anything else (a bug)."""
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            where = f" while writing {e.filename}" if e.filename else ""
+            return (f"no space left on the device{where} ({os.strerror(e.errno)}); free some space and run the "
+                    f"same command again (a training run: with --resume, from its last complete checkpoint)")
+    if isinstance(exc, (UserError, *_PATH_ERRORS)):
+        return " ".join(str(exc).split("\n"))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # a real process start (not a call from Python): choose the allocator before JAX loads
-        preload_tcmalloc()
+    start = argv is None    # a real process start, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and argv[0] in COMMANDS else "train"
+    try:
+        return _main(argv, start)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if debug or message is None:
+            raise
+        print(f"gdsd-jax {command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str], start: bool) -> int:
+    wants_help = "-h" in argv or "--help" in argv
+    if start:  # choose the allocator before JAX loads
+        try:
+            preload_tcmalloc()
+        except UserError:
+            if not wants_help:   # a bad setting must not hide the help that may explain it
+                raise
     # Default command: `gdsd-jax` alone runs the embedded default training job.
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train"] + argv

@@ -144,9 +144,6 @@ class RLTrainer:
         self.needs_ref = self.objective.needs_ref(self.obj_cfg)
         self.parts = ModelParts(model_cfg, cfg.lora.enabled,
                                 lora_lib.lora_scale(cfg.lora.rank, cfg.lora.alpha) if cfg.lora.enabled else 1.0)
-        if cfg.lora.enabled and cfg.lora.dropout:
-            raise ValueError("lora.dropout > 0 is not supported: the adapters are deterministic "
-                             "(the official recipes' 0.05 dropout is not reproduced)")
         self.tx = make_optimizer(cfg.optim, rl.total_steps, rl.num_iterations)
         self._base_params = base_params
         self._build_functions()

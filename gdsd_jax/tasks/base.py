@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,11 +214,31 @@ def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_task(name: str, **kwargs: Any) -> Task:
-    """Instantiate a registered task by name; keyword arguments go to its constructor."""
+def task_class(name: str) -> type[Task]:
+    """The class of a registered task (its module is imported on first use)."""
     try:
         target = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; expected one of {task_names()}") from None
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    return getattr(importlib.import_module(module), cls)
+
+
+def task_arguments(name: str) -> list[str]:
+    """Keyword arguments the task's constructor accepts (what ``task.kwargs`` / ``eval KEY=VALUE`` may set)."""
+    params = inspect.signature(task_class(name)).parameters.values()
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def check_task_arguments(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming an unknown task or an argument its constructor does not take."""
+    valid = task_arguments(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"task {name!r} takes no argument(s) {unknown}; valid: {valid}")
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Instantiate a registered task by name; keyword arguments go to its constructor."""
+    check_task_arguments(name, kwargs)
+    return task_class(name)(**kwargs)
