@@ -10,6 +10,7 @@ start naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 from gdsd_jax.config_io import ConfigError, check_ranges, ranged
@@ -187,6 +188,9 @@ class TrainConfig:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
                               f"rl.total_steps={rl.total_steps} for the cosine schedule (it decays over the steps "
                               f"after the warm-up); lower it or set optim.schedule=constant")
+        for name, weight in rl.reward_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"rl.reward_weights.{name}={weight!r}: expected a finite number")
         if self.lora.dropout:
             raise ConfigError(f"lora.dropout={self.lora.dropout}: adapter dropout is not supported (the adapters "
                               f"are deterministic; the official recipes' 0.05 is not reproduced); set it to 0")
@@ -241,18 +245,16 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(f"distributed.mesh={self.distributed.mesh!r}: {e}") from None
         ways = shape["data"] * shape["fsdp"]
+        devices = f"{ways} data-parallel devices (data x fsdp of mesh {shape})"
         g = self.rl.num_generations
-        batches = [("rl.rollout_prompts_per_step*rl.num_generations" if self.rl.rollout_prompts_per_step
-                    else "rl.prompts_per_step*rl.num_generations", self.rollout_prompts * g, ways),
-                   ("rl.prompts_per_step*rl.num_generations", self.rl.prompts_per_step * g, ways),
-                   ("rl.rollout_prompts_per_step" if self.rl.rollout_prompts_per_step else "rl.prompts_per_step",
-                    self.rollout_prompts, num_processes)]
+        rollout = "rl.rollout_prompts_per_step" if self.rl.rollout_prompts_per_step else "rl.prompts_per_step"
+        batches = [(f"{rollout}*rl.num_generations", self.rollout_prompts * g, ways, devices),
+                   ("rl.prompts_per_step*rl.num_generations", self.rl.prompts_per_step * g, ways, devices),
+                   (rollout, self.rollout_prompts, num_processes, f"{num_processes} processes")]
         if self.warm_start.mode == "sft":
-            batches.append(("sft.batch_size", self.sft.batch_size, ways))
-        for key, n, parts in batches:
+            batches.append(("sft.batch_size", self.sft.batch_size, ways, devices))
+        for key, n, parts, what in batches:
             if n % parts:
-                what = (f"{parts} data-parallel devices (data x fsdp of mesh {shape})" if parts == ways
-                        else f"{parts} processes")
                 raise ConfigError(f"{key}={n} does not split evenly over {what}; make it a multiple of {parts}")
 
 

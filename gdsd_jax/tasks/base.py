@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from gdsd_jax.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class TaskError(UserError, ValueError):
+    """An unknown task name or an argument its constructor does not take."""
 
 #: A reward function scores a batch: (completions, examples) -> one float per completion. It must be
 #: total: a malformed completion scores 0 (or the format score) and never raises.
@@ -219,7 +225,7 @@ def task_class(name: str) -> type[Task]:
     try:
         target = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; expected one of {task_names()}") from None
+        raise TaskError(f"unknown task {name!r}; expected one of {task_names()}") from None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -231,11 +237,11 @@ def task_arguments(name: str) -> list[str]:
 
 
 def check_task_arguments(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming an unknown task or an argument its constructor does not take."""
+    """Raise :class:`TaskError` naming an unknown task or an argument its constructor does not take."""
     valid = task_arguments(name)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-        raise ValueError(f"task {name!r} takes no argument(s) {unknown}; valid: {valid}")
+        raise TaskError(f"task {name!r} takes no argument(s) {unknown}; valid: {valid}")
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
