@@ -183,58 +183,48 @@ def test_data_and_nonfinite_errors_through_the_cli_are_one_line(tmp_path, capsys
     _one_line(err, "5 non-finite updates in a row at step 3")
 
 
-def test_existing_run_resume_mismatch_and_finished_run(tmp_path, capsys):
-    out = tmp_path / "run"
-    code, err = _train(capsys, out, "rl.total_steps=1")
-    assert code == 0, err
-    metrics = (out / "metrics.jsonl").read_text()
-    # the same directory without --resume: one line, nothing touched
-    code, err = _train(capsys, out, "rl.total_steps=1")
-    assert code == 1
-    _one_line(err, "already holds checkpoints", "--resume")
-    # --resume with another model: one line naming the field
-    code, err = _train(capsys, out, "rl.total_steps=1", "model.overrides.hidden_size=64", "--resume")
-    assert code == 1
-    _one_line(err, "config mismatch in model")
-    # --resume of the finished run: says so, no second final evaluation appended
-    code = cli.main(["train", "--config", CONFIG, "--no-progress", "--output-dir", str(out), *TINY,
-                     "rl.total_steps=1", "--resume"])
-    captured = capsys.readouterr()
-    assert code == 0
-    assert "the run finished at step 1" in captured.out
-    assert (out / "metrics.jsonl").read_text() == metrics
-
-
-def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = cli.main(["train", "--config", CONFIG, "--no-progress", "--output-dir", str(out), *TINY,
-                     "rl.total_steps=1", "--resume"])
-    assert code == 0
-    assert f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0" in capsys.readouterr().out
-
-
-def test_disk_full_is_one_line_and_resume_recovers(tmp_path, capsys, monkeypatch):
-    """ENOSPC while writing metrics at step 2 (checkpoint of step 1 already saved): one line naming the cause;
-    after space is freed (the patch removed), --resume finishes the run."""
+def test_run_directory_lifecycle_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """One run directory through every start-up case: --resume with no checkpoint yet (said, then a fresh
+    start), disk full at step 2 (one line naming the cause), the directory again without --resume, --resume
+    with another model, --resume recovering from the disk-full stop, and --resume of the finished run (no
+    second final evaluation)."""
     from gdsd_jax.rl.metrics import MetricsLogger
 
     out = tmp_path / "run"
     real_log = MetricsLogger.log
 
-    def log(self, step, metrics):
+    def log(self, step, metrics):    # the disk fills up after the checkpoint of step 1
         if step == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "metrics.jsonl"))
         return real_log(self, step, metrics)
 
     monkeypatch.setattr(MetricsLogger, "log", log)
-    code, err = _train(capsys, out, "rl.total_steps=3")
+    code = cli.main(["train", "--config", CONFIG, "--no-progress", "--output-dir", str(out), *TINY,
+                     "rl.total_steps=2", "--resume"])
+    captured = capsys.readouterr()
     assert code == 1
-    _one_line(err, "no space left on the device while writing", "metrics.jsonl", "--resume")
+    assert f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0" in captured.out
+    _one_line(captured.err, "no space left on the device while writing", "metrics.jsonl", "--resume")
     monkeypatch.setattr(MetricsLogger, "log", real_log)
-    code, err = _train(capsys, out, "rl.total_steps=3", "--resume")
+
+    code, err = _train(capsys, out, "rl.total_steps=2")
+    assert code == 1
+    _one_line(err, "already holds checkpoints", "--resume")
+    code, err = _train(capsys, out, "rl.total_steps=2", "model.overrides.hidden_size=64", "--resume")
+    assert code == 1
+    _one_line(err, "config mismatch in model")
+
+    code, err = _train(capsys, out, "rl.total_steps=2", "--resume")      # space freed: the run recovers
     assert code == 0, err
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 3 and 2 in steps
+    metrics = (out / "metrics.jsonl").read_text()
+    steps = [json.loads(x)["step"] for x in metrics.splitlines()]
+    assert steps == [0, 1, 2, 2]         # before, steps 1 and 2, the final evaluation at step 2
+
+    code = cli.main(["train", "--config", CONFIG, "--no-progress", "--output-dir", str(out), *TINY,
+                     "rl.total_steps=2", "--resume"])
+    assert code == 0
+    assert "the run finished at step 2" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == metrics
 
 
 def test_a_bad_allocator_setting_does_not_break_help_and_is_one_line(tmp_path):
