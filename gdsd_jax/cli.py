@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -74,16 +76,38 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def user_error_message(exc: BaseException) -> str | None:
-    """The one-line message of an error the user can fix, or None for anything else (a bug)."""
+def _disk_full(exc: BaseException) -> str | None:
+    """The file being written when the disk filled up (``""`` if unknown), or None if that is not the error.
+
+    Python reports ENOSPC as an ``OSError``; TensorStore (Orbax's array writer) as a ``ValueError`` whose text
+    carries the OS message and the path, which is all there is to recognise it by.
+    """
     for e in _causes(exc):
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            where = f" while writing {e.filename}" if e.filename else ""
-            return (f"no space left on the device{where} ({os.strerror(e.errno)}); free some space and run the "
-                    f"same command again (a training run: with --resume, from its last complete checkpoint)")
+            return e.filename or ""
+        if any(os.strerror(code) in str(e) for code in _DISK_FULL):
+            path = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))
+            return path.group(1) if path else ""
+    return None
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for anything else (a bug)."""
+    path = _disk_full(exc)
+    if path is not None:
+        where = f" while writing {path}" if path else ""
+        return (f"no space left on the device{where}; free some space and run the same command again (a "
+                f"training run: with --resume, from its last complete checkpoint)")
     if isinstance(exc, (UserError, *_PATH_ERRORS)):
         return " ".join(str(exc).split("\n"))
     return None
+
+
+def _quiet_disk_full_logs(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background write from each of its threads; the command reports it once."""
+    if record.exc_info and record.exc_info[1] is not None and _disk_full(record.exc_info[1]) is not None:
+        return False
+    return not any(os.strerror(code) in record.getMessage() for code in _DISK_FULL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
+    if start and not debug:
+        logging.getLogger("absl").addFilter(_quiet_disk_full_logs)
     try:
         return _main(argv, start)
     except Exception as exc:
@@ -99,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug or message is None:
             raise
         print(f"gdsd-jax {command}: error: {message}", file=sys.stderr)
+        if start and _disk_full(exc) is not None:
+            # Orbax's abandoned background writes print a traceback each while the interpreter tears down.
+            # Everything the run wrote is on disk already (metrics are appended and closed line by line,
+            # checkpoints are atomic), so leave without the teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
 
 

@@ -227,6 +227,23 @@ def test_run_directory_lifecycle_errors_are_one_line(tmp_path, capsys, monkeypat
     assert (out / "metrics.jsonl").read_text() == metrics
 
 
+def test_disk_full_reported_by_tensorstore_is_recognised():
+    """Orbax's array writer (TensorStore) reports ENOSPC as a ValueError carrying the OS message (the text of a
+    real tmpfs-full run); wrapped in Orbax's own error it is still the disk-full line, with the file."""
+    text = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.count/0" in OCDBT database at local file "/r/c/2.tmp/'
+            'ocdbt.process_0/": Failed writing: "/r/c/2.tmp/ocdbt.process_0/d/78109e": Failed to write 289329 '
+            "bytes to file 14: No space left on device [os_error_code='28']")
+    try:
+        try:
+            raise ValueError(text)
+        except ValueError as inner:
+            raise RuntimeError("Save Finalize thread (save_finalize) failed.") from inner
+    except RuntimeError as outer:
+        message = cli.user_error_message(outer)
+    assert message.startswith("no space left on the device while writing /r/c/2.tmp/ocdbt.process_0/d/78109e;")
+    assert cli.user_error_message(RuntimeError("Save Finalize thread failed.")) is None     # a bug: traceback
+
+
 def test_a_bad_allocator_setting_does_not_break_help_and_is_one_line(tmp_path):
     env = {**os.environ, "GDSD_JAX_ALLOCATOR": "jemalloc", "PYTHONPATH": str(REPO)}
     helped = subprocess.run([sys.executable, "-m", "gdsd_jax.cli", "--help"], env=env, cwd=tmp_path,
