@@ -29,6 +29,8 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from gdsd_jax.errors import UserError
+
 ALLOCATOR_ENV = "GDSD_JAX_ALLOCATOR"
 LIBRARY_ENV = "GDSD_JAX_TCMALLOC"
 CHOICES = ("tcmalloc", "system")
@@ -36,12 +38,17 @@ CHOICES = ("tcmalloc", "system")
 _LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
 
 
+class AllocatorError(UserError, ValueError):
+    """``GDSD_JAX_ALLOCATOR`` holds a value other than the known choices."""
+
+
 def allocator_choice(environ: Mapping[str, str] | None = None) -> str:
     """The requested allocator, ``tcmalloc`` (default) or ``system``; a clear error for anything else."""
     environ = os.environ if environ is None else environ
     choice = environ.get(ALLOCATOR_ENV, "tcmalloc").strip().lower() or "tcmalloc"
     if choice not in CHOICES:
-        raise ValueError(f"{ALLOCATOR_ENV}={environ[ALLOCATOR_ENV]!r}: expected one of {', '.join(CHOICES)}")
+        raise AllocatorError(f"{ALLOCATOR_ENV}={environ[ALLOCATOR_ENV]!r}: expected one of {', '.join(CHOICES)} "
+                             f"(or unset)")
     return choice
 
 

@@ -2,15 +2,31 @@
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 Modules are imported only when their command runs, so ``gdsd-jax --help`` stays fast.
+
+Errors the user can fix (a :class:`~gdsd_jax.errors.UserError`, a missing or existing path, a full disk)
+are printed as one line and exit with status 1; ``--debug`` anywhere on the command line (or
+``GDSD_JAX_DEBUG=1``) lets them raise with their traceback. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import logging
+import os
+import re
 import sys
+from collections.abc import Iterator
 
 from gdsd_jax.allocator import preload_tcmalloc
+from gdsd_jax.errors import UserError
+
+DEBUG_ENV = "GDSD_JAX_DEBUG"
+#: OS errors about a path the user gave (their message names it).
+_PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 COMMANDS: dict[str, str] = {
     "train": "RL post-training (GDSD and baselines); default: the embedded tiny 4x4 Sudoku run",
@@ -31,7 +47,10 @@ def _module(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gdsd-jax", description="GDSD RL post-training of diffusion LMs in JAX")
+    parser = argparse.ArgumentParser(
+        prog="gdsd-jax", description="GDSD RL post-training of diffusion LMs in JAX",
+        epilog=f"Errors are printed as one line; --debug (anywhere on the command line) or {DEBUG_ENV}=1 shows "
+               f"the traceback.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -48,10 +67,82 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The file being written when the disk filled up (``""`` if unknown), or None if that is not the error.
+
+    Python reports ENOSPC as an ``OSError``; TensorStore (Orbax's array writer) as a ``ValueError`` whose text
+    carries the OS message and the path, which is all there is to recognise it by.
+    """
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e.filename or ""
+        if any(os.strerror(code) in str(e) for code in _DISK_FULL):
+            path = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))
+            return path.group(1) if path else ""
+    return None
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for anything else (a bug)."""
+    path = _disk_full(exc)
+    if path is not None:
+        where = f" while writing {path}" if path else ""
+        return (f"no space left on the device{where}; free some space and run the same command again (a "
+                f"training run: with --resume, from its last complete checkpoint)")
+    if isinstance(exc, (UserError, *_PATH_ERRORS)):
+        return " ".join(str(exc).split("\n"))
+    return None
+
+
+def _quiet_disk_full_logs(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background write from each of its threads; the command reports it once."""
+    if record.exc_info and record.exc_info[1] is not None and _disk_full(record.exc_info[1]) is not None:
+        return False
+    return not any(os.strerror(code) in record.getMessage() for code in _DISK_FULL)
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # a real process start (not a call from Python): choose the allocator before JAX loads
-        preload_tcmalloc()
+    start = argv is None    # a real process start, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and argv[0] in COMMANDS else "train"
+    if start and not debug:
+        logging.getLogger("absl").addFilter(_quiet_disk_full_logs)
+    try:
+        return _main(argv, start)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if debug or message is None:
+            raise
+        print(f"gdsd-jax {command}: error: {message}", file=sys.stderr)
+        if start and _disk_full(exc) is not None:
+            # Orbax's abandoned background writes print a traceback each while the interpreter tears down.
+            # Everything the run wrote is on disk already (metrics are appended and closed line by line,
+            # checkpoints are atomic), so leave without the teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        return 1
+
+
+def _main(argv: list[str], start: bool) -> int:
+    wants_help = "-h" in argv or "--help" in argv
+    if start:  # choose the allocator before JAX loads
+        try:
+            preload_tcmalloc()
+        except UserError:
+            if not wants_help:   # a bad setting must not hide the help that may explain it
+                raise
     # Default command: `gdsd-jax` alone runs the embedded default training job.
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train"] + argv

@@ -3,11 +3,15 @@
 A run config is a tree of frozen dataclasses. :func:`load_config` reads a YAML file, applies dotted
 overrides (``objective.psi=2.0``, ``rl.num_generations=8``) and builds the dataclass tree; an unknown
 key or a value of the wrong type fails at start with the full dotted key in the message.
+
+Numeric fields declare their allowed range once, next to their default (:func:`ranged`);
+:func:`check_ranges` walks a built tree and names the first value out of range.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -16,11 +20,66 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gdsd_jax.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run config key or value is wrong; the message names the dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: finite, within the given bounds (None: unbounded)."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    why: str = ""
+
+    def contains(self, value: float) -> bool:
+        # Written so that NaN fails every comparison, and inf fails the finiteness test.
+        return (math.isfinite(value)
+                and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self, integer: bool) -> str:
+        lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        kind = "an integer" if integer else "a finite number"
+        if lo and hi:
+            text = f"{kind} in {lo}, {hi}"
+        elif lo or hi:
+            op, bound = ((">=", self.ge) if self.ge is not None else (">", self.gt) if self.gt is not None
+                         else ("<=", self.le) if self.le is not None else ("<", self.lt))
+            text = f"{kind} {op} {bound:g}"
+        else:
+            text = kind
+        return f"{text} ({self.why})" if self.why else text
+
+
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, why: str = "") -> Any:
+    """A dataclass field with a default and an allowed range (None is always allowed for optional fields)."""
+    return dataclasses.field(default=default, metadata={"range": Range(ge, gt, le, lt, why)})
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` naming the first numeric field of a dataclass tree outside its range."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key)
+            continue
+        rng = f.metadata.get("range")
+        if rng is None or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not rng.contains(value):
+            integer = int in (hints[f.name], *typing.get_args(hints[f.name]))
+            raise ConfigError(f"{key}={value!r}: expected {rng.describe(integer)}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -146,11 +205,24 @@ def to_dict(obj: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file; unreadable, non-UTF-8 or malformed files name the file and line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    with p.open() as f:
-        data = yaml.safe_load(f) or {}
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(p)!r}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} "
+                          f"at offset {e.start}); save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(p)!r}{where}: malformed YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping at top level")
     return data

@@ -402,3 +402,55 @@ def test_smoke_command(capsys):
     assert cli_main(["smoke"]) == 0
     out = capsys.readouterr().out
     assert "logits shape (2, 16, 256)" in out and "bit-identical to the original" in out
+
+
+@pytest.mark.parametrize("family, field", [("llada", "eos_token_id"), ("llada", "mask_token_id"),
+                                           ("llada", "d_model"), ("dream", "eos_token_id"),
+                                           ("dream", "mask_token_id"), ("dream", "vocab_size")])
+def test_a_null_or_missing_required_config_field_is_named(tmp_path, family, field):
+    hf, conf, _ = _hf(tmp_path, family)
+    (hf / "config.json").write_text(json.dumps({**conf, field: None}))
+    _convert_fails(tmp_path, hf, rf"config.json: field '{field}' is null; it is required", exc=ValueError)
+    if (family, field) in {("llada", "d_model"), ("dream", "mask_token_id"), ("dream", "vocab_size")}:   # no default
+        (hf / "config.json").write_text(json.dumps({k: v for k, v in conf.items() if k != field}))
+        _convert_fails(tmp_path, hf, rf"config.json: field '{field}' is missing", exc=ValueError)
+    (hf / "config.json").write_text(json.dumps({**conf, field: "many"}))
+    _convert_fails(tmp_path, hf, rf"config.json: {field}='many'; expected an integer", exc=ValueError)
+
+
+def test_a_null_eos_through_the_command_is_one_line(tmp_path, capsys):
+    hf, conf, _ = _hf(tmp_path)
+    (hf / "config.json").write_text(json.dumps({**conf, "eos_token_id": None}))
+    assert cli_main(["convert", "--hf-dir", str(hf), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["convert: error: config.json: field 'eos_token_id' is null; it is required for a LLaDA model"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_reported(tmp_path, value):
+    hf, conf, t = _hf(tmp_path, "dream")
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+    t["model.layers.1.mlp.up_proj.weight"][7, 1] = value
+    write_hf_dir(hf, conf, t)
+    _convert_fails(tmp_path, hf, r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 2 "
+                                 r"non-finite value\(s\) \(NaN or inf\)")
+    with pytest.raises(CheckpointFormatError, match="non-finite"):
+        gdsd_jax.load_denoiser(hf)
+
+
+def test_overwrite_replaces_only_a_checkpoint(tmp_path):
+    hf, _, _ = _hf(tmp_path)
+    precious = tmp_path / "out"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=r"is not a gdsd-jax params checkpoint.*--overwrite replaces only"):
+        convert_checkpoint(hf, precious, overwrite=True, progress=False)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="not a gdsd-jax params checkpoint"):
+        convert_checkpoint(hf, a_file, overwrite=True, progress=False)
+    ck = convert_checkpoint(hf, tmp_path / "ck", progress=False)          # a checkpoint is replaced
+    assert convert_checkpoint(hf, ck, overwrite=True, progress=False) == ck
+    (tmp_path / "empty").mkdir()                                         # and so is an empty directory
+    convert_checkpoint(hf, tmp_path / "empty", overwrite=True, progress=False)

@@ -185,7 +185,7 @@ def test_protocol_is_checked():
         get_task("gsm8k", protocol="official")
     assert get_task("countdown").protocol == "project"
     assert get_task("gsm8k", protocol="project").protocol == "project"
-    with pytest.raises(ConfigError, match=r"task: task.kwargs.protocol must be one of \['project'\]"):
+    with pytest.raises(ConfigError, match=r"task: the protocol of task 'math' must be one of \['project'\]"):
         load_config(TrainConfig, REPO / "configs/llada_8b_math.yaml", ["task.kwargs.protocol=official"]).validate()
     with pytest.raises(ConfigError, match="protocol=official evaluates the official chat prompts"):
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["task.kwargs.protocol=official"]).validate()

@@ -32,6 +32,8 @@ def test_loader(path):
     ({"problem": "p"}, "solution", "missing"),
     ({"problem": ["p"], "solution": "\\boxed{1}"}, "problem", "string"),
     ({"problem": "p", "solution": "no box"}, "solution", "boxed"),
+    ({"problem": "p", "solution": "so $\\boxed{\\frac{1}{2}$."}, "solution", "never closes"),
+    ({"problem": "p", "solution": "so $\\boxed{3", "answer": "3"}, "solution", "never closes"),
     ({"problem": "p", "solution": "\\boxed{1}", "answer": 1}, "answer", "string"),
 ])
 def test_bad_rows(tmp_path, row, column, message):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/sudoku_tiny.yaml"
@@ -26,10 +28,12 @@ def resolve_config_path(path: str | None) -> Path:
     repo = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
     if repo.is_file():
         return repo
-    raise SystemExit(f"default config {DEFAULT_CONFIG} not found; pass --config FILE")
+    from gdsd_jax.config_io import ConfigError
+
+    raise ConfigError(f"default config {DEFAULT_CONFIG} not found; pass --config FILE")
 
 
-def load_train_config(args) :
+def load_train_config(args):
     from gdsd_jax.config_io import load_config
     from gdsd_jax.rl.config import TrainConfig
 
@@ -37,3 +41,21 @@ def load_train_config(args) :
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     return load_config(TrainConfig, resolve_config_path(args.config), overrides)
+
+
+@contextlib.contextmanager
+def no_empty_run_directory(path: str) -> Iterator[None]:
+    """On an error, remove the (local) run directory again if this command created it and it holds no file."""
+    if "://" in path:
+        yield
+        return
+    root = Path(path)
+    existed = root.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and root.is_dir() and not any(p.is_file() for p in root.rglob("*")):
+            for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                d.rmdir()
+            root.rmdir()
+        raise

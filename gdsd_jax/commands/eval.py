@@ -47,7 +47,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="output directory for eval.jsonl and eval_summary.json")
-    p.add_argument("task_kwargs", nargs="*", metavar="KEY=VALUE", help="task constructor arguments (e.g. path=data.jsonl)")
+    p.add_argument("task_kwargs", nargs="*", metavar="KEY=VALUE",
+                   help="task arguments: test_file=PATH (JSONL or Parquet; gsm8k, math and code have no bundled "
+                        "data), train_file=PATH, variant=xml|plain (gsm8k, math), seed=N (sudoku, countdown)")
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gdsd_jax.commands._common import add_config_arguments, load_train_config
+from gdsd_jax.commands._common import add_config_arguments, load_train_config, no_empty_run_directory
 
 HELP = "RL post-training (GDSD and baselines)"
 
@@ -17,7 +17,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from gdsd_jax.config_io import ConfigError
     from gdsd_jax.rl.run import run_train
 
     extra = []
@@ -26,9 +25,7 @@ def run(args) -> int:
         if getattr(args, flag) is not None:
             extra.append(f"{key}={getattr(args, flag)}")
     args.overrides = list(args.overrides) + extra
-    try:
-        cfg = load_train_config(args).validate()
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
-    run_train(cfg, resume=args.resume, progress=not args.no_progress)
+    cfg = load_train_config(args).validate()
+    with no_empty_run_directory(cfg.output_dir):
+        run_train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0

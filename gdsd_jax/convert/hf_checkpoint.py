@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gdsd_jax.checkpoint.params_io import HF_FILES_DIR, ParamsWriter, dtype_name
+from gdsd_jax.checkpoint.params_io import HF_FILES_DIR, META_FILE, ParamsWriter, dtype_name, is_params_checkpoint
 from gdsd_jax.convert.hf_config import checkpoint_dtype, config_from_hf, infer_family, read_config_json
 from gdsd_jax.convert.names import IGNORED_SUFFIXES, TensorSpec, guess_family_from_names, name_map, specs_by_leaf
 from gdsd_jax.convert.safetensors_io import (
@@ -188,11 +188,29 @@ class HFCheckpoint:
                             del x
                         else:
                             copy_into(slot, spec.to_ours(reader.read(spec.hf_name)))
+                        _check_finite(slot, info)
                         bar.update(1)
                     yield path, dest
                     del dest
         finally:
             bar.close()
+
+
+def _check_finite(array: np.ndarray, info: TensorInfo, chunk: int = 1 << 24) -> None:
+    """Raise naming the tensor if it holds NaN or inf (counted in chunks: no full-size boolean copy)."""
+    flat = array.reshape(-1)
+    bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + chunk]))) for i in range(0, flat.size, chunk))
+    if bad:
+        raise CheckpointFormatError(f"{info.path.name}: tensor {info.name!r} holds {bad} non-finite value(s) "
+                                    f"(NaN or inf) of {flat.size}; the weights are corrupt")
+
+
+def _check_replaceable(out: Path) -> None:
+    """``--overwrite`` replaces a params checkpoint (or an empty directory), never anything else."""
+    if not out.exists() or is_params_checkpoint(out) or (out.is_dir() and not any(out.iterdir())):
+        return
+    raise FileExistsError(f"{out} exists and is not a gdsd-jax params checkpoint (no {META_FILE}); --overwrite "
+                          f"replaces only a checkpoint: remove it yourself or choose another output")
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
@@ -232,13 +250,16 @@ def convert_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, fam
       family: ``"llada"`` / ``"dream"``; inferred from ``model_type`` when None.
       dtype: parameter dtype of the checkpoint (``"bf16"`` / ``"fp32"``...); default: keep bf16 weights in
         bf16, anything else in fp32.
-      overwrite: replace an existing ``out`` (only after the new checkpoint is complete).
+      overwrite: replace an existing ``out`` (only after the new checkpoint is complete); only a params
+        checkpoint or an empty directory is replaced.
     Returns:
       The output path.
     """
     ck = HFCheckpoint(hf_dir, family)
     cfg = ck.config(dtype_name(dtype) if dtype is not None else None)
     ck.validate(cfg)
+    if overwrite:
+        _check_replaceable(Path(out))
     with ParamsWriter(out, cfg, hf_config=ck.hf_config, overwrite=overwrite) as w:
         for path, arr in ck.iter_leaves(cfg, progress=progress):
             w.write(path, arr)

@@ -87,10 +87,26 @@ def checkpoint_dtype(hf_config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _field(c: Mapping[str, Any], name: str, family: str):
-    if c.get(name) is None:
-        raise ValueError(f"config.json: field {name!r} is missing; it is required for a {family} model")
-    return c[name]
+_MISSING = object()
+
+
+def _field(c: Mapping[str, Any], name: str, family: str, default: Any = _MISSING, kind: type = int):
+    """``config.json[name]`` as ``kind`` (``int`` or ``float``); ``default`` when the key is absent.
+
+    A key that is present but null, or not a number, is an error naming the field: a null id (e.g. a config
+    written for a model without an EOS token) must not fall back to another model's value.
+    """
+    if name not in c and default is not _MISSING:
+        return default
+    v = c.get(name)
+    if v is None:
+        state = "missing" if name not in c else "null"
+        raise ValueError(f"config.json: field {name!r} is {state}; it is required for a {family} model")
+    ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok:
+        raise ValueError(f"config.json: {name}={v!r}; expected {'an integer' if kind is int else 'a number'} "
+                         f"(a {family} model)")
+    return kind(v)
 
 
 def _require(c: Mapping[str, Any], name: str, allowed, family: str, default=None):
@@ -116,51 +132,53 @@ def config_from_hf(hf_config: Mapping[str, Any], family: str | None = None, *,
                 ("block_group_size", (1,), 1), ("layer_norm_with_affine", (True,), True),
                 ("bias_for_layer_norm", (False, None), False)):
             _require(c, name, allowed, "LLaDA", default)
-        d = int(_field(c, "d_model", "LLaDA"))
-        heads = int(_field(c, "n_heads", "LLaDA"))
-        if c.get("n_kv_heads") is not None:
-            kv = int(c["n_kv_heads"])
-        else:
+        d = _field(c, "d_model", "LLaDA")
+        heads = _field(c, "n_heads", "LLaDA")
+        kv = _field(c, "n_kv_heads", "LLaDA", None)
+        if kv is None:
             kv = 1 if c.get("multi_query_attention") else heads
-        mlp = c.get("mlp_hidden_size")
+        mlp = _field(c, "mlp_hidden_size", "LLaDA", None)
         if mlp is None:
-            mlp = int(_field(c, "mlp_ratio", "LLaDA")) * d
-        vocab = c.get("embedding_size") or _field(c, "vocab_size", "LLaDA")
+            mlp = _field(c, "mlp_ratio", "LLaDA") * d
+        vocab = _field(c, "embedding_size", "LLaDA", None) or _field(c, "vocab_size", "LLaDA")
         if d % heads:
             raise ValueError(f"config.json: d_model={d} is not divisible by n_heads={heads}")
-        eos = c.get("eos_token_id", 126081)
+        eos = _field(c, "eos_token_id", "LLaDA", 126081)
         return DenoiserConfig(
-            family="llada", vocab_size=int(vocab), hidden_size=d, num_layers=int(_field(c, "n_layers", "LLaDA")),
-            num_heads=heads, num_kv_heads=kv, head_dim=d // heads, mlp_dim=int(mlp),
-            rope_theta=float(c.get("rope_theta", 10000.0)), rms_eps=float(c.get("rms_norm_eps", 1e-5)),
-            qkv_bias=False, mask_token_id=int(c.get("mask_token_id", 126336)), eos_token_id=int(eos),
-            pad_token_id=int(c.get("pad_token_id") if c.get("pad_token_id") is not None else eos),
-            max_seq_len=int(c.get("max_sequence_length", 4096)), **common)
+            family="llada", vocab_size=vocab, hidden_size=d, num_layers=_field(c, "n_layers", "LLaDA"),
+            num_heads=heads, num_kv_heads=kv, head_dim=d // heads, mlp_dim=mlp,
+            rope_theta=_field(c, "rope_theta", "LLaDA", 10000.0, float),
+            rms_eps=_field(c, "rms_norm_eps", "LLaDA", 1e-5, float), qkv_bias=False,
+            mask_token_id=_field(c, "mask_token_id", "LLaDA", 126336), eos_token_id=eos,
+            pad_token_id=_pad_id(c, eos, "LLaDA"), max_seq_len=_field(c, "max_sequence_length", "LLaDA", 4096), **common)
     # dream
     for name, allowed, default in (
             ("tie_word_embeddings", (False,), False), ("hidden_act", ("silu",), "silu"),
             ("use_sliding_window", (False,), False), ("rope_scaling", (None,), None),
             ("use_mrope", (False,), False)):
         _require(c, name, allowed, "Dream", default)
-    d = int(_field(c, "hidden_size", "Dream"))
-    heads = int(_field(c, "num_attention_heads", "Dream"))
-    kv = int(c.get("num_key_value_heads") or heads)
+    d = _field(c, "hidden_size", "Dream")
+    heads = _field(c, "num_attention_heads", "Dream")
+    kv = _field(c, "num_key_value_heads", "Dream", None) or heads
     if d % heads:
         raise ValueError(f"config.json: hidden_size={d} is not divisible by num_attention_heads={heads}")
     if c.get("head_dim") not in (None, d // heads):
         raise ValueError(f"config.json: head_dim={c['head_dim']} but Dream uses hidden_size // "
                          f"num_attention_heads = {d // heads}")
-    eos = c.get("eos_token_id", 151643)
-    if "mask_token_id" not in c:
-        raise ValueError("config.json: field 'mask_token_id' is missing; it is required for a Dream model")
+    eos = _field(c, "eos_token_id", "Dream", 151643)
     return DenoiserConfig(
-        family="dream", vocab_size=int(_field(c, "vocab_size", "Dream")), hidden_size=d,
-        num_layers=int(_field(c, "num_hidden_layers", "Dream")), num_heads=heads, num_kv_heads=kv,
-        head_dim=d // heads, mlp_dim=int(_field(c, "intermediate_size", "Dream")),
-        rope_theta=float(c.get("rope_theta", 10000.0)), rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-        qkv_bias=True, mask_token_id=int(c["mask_token_id"]), eos_token_id=int(eos),
-        pad_token_id=int(c.get("pad_token_id") if c.get("pad_token_id") is not None else eos),
-        max_seq_len=min(int(c.get("max_position_embeddings", 131072)), DREAM_CONTEXT), **common)
+        family="dream", vocab_size=_field(c, "vocab_size", "Dream"), hidden_size=d,
+        num_layers=_field(c, "num_hidden_layers", "Dream"), num_heads=heads, num_kv_heads=kv,
+        head_dim=d // heads, mlp_dim=_field(c, "intermediate_size", "Dream"),
+        rope_theta=_field(c, "rope_theta", "Dream", 10000.0, float),
+        rms_eps=_field(c, "rms_norm_eps", "Dream", 1e-6, float), qkv_bias=True,
+        mask_token_id=_field(c, "mask_token_id", "Dream"), eos_token_id=eos, pad_token_id=_pad_id(c, eos, "Dream"),
+        max_seq_len=min(_field(c, "max_position_embeddings", "Dream", 131072), DREAM_CONTEXT), **common)
+
+
+def _pad_id(c: Mapping[str, Any], eos: int, family: str) -> int:
+    """``pad_token_id``, or the EOS id when the config has none (null is common here and means "use EOS")."""
+    return eos if c.get("pad_token_id") is None else _field(c, "pad_token_id", family)
 
 
 def config_to_hf(cfg: DenoiserConfig, original: Mapping[str, Any] | None = None,

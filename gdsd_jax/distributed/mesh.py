@@ -57,6 +57,24 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+def mesh_shape(num_devices: int, data: int = 1, fsdp: int = -1, tensor: int = 1) -> dict[str, int]:
+    """Axis sizes of a ``(data, fsdp, tensor)`` mesh over ``num_devices``, with the one ``-1`` axis resolved."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes (product {known})")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are available "
+                         f"(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]})")
+    return dict(zip(MESH_AXES, sizes))
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
     """Build the ``(data, fsdp, tensor)`` mesh. One axis may be ``-1``: it takes the remaining devices.
 
@@ -65,19 +83,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequen
       devices: devices to use (default: all of ``jax.devices()``).
     """
     devs = list(devices) if devices is not None else jax.devices()
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
-    known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
-    if -1 in sizes:
-        if len(devs) % known:
-            raise ValueError(f"mesh: {len(devs)} devices are not divisible by the fixed axes (product {known})")
-        sizes[sizes.index(-1)] = len(devs) // known
-    if math.prod(sizes) != len(devs):
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devs)} devices are available "
-                         f"(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]})")
+    sizes = list(mesh_shape(len(devs), data, fsdp, tensor).values())
     arr = np.asarray(devs, dtype=object).reshape(sizes)
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -90,8 +96,9 @@ def parse_mesh_spec(spec: str | None) -> dict[str, int]:
     for part in spec.split(","):
         key, _, val = part.partition("=")
         key = key.strip()
-        if key not in MESH_AXES or not val.strip().lstrip("-").isdigit():
-            raise ValueError(f"bad mesh entry {part!r}; expected name=int with name in {MESH_AXES}")
+        if key not in MESH_AXES or not val.strip().lstrip("-").isdigit() or int(val) == 0 or int(val) < -1:
+            raise ValueError(f"bad mesh entry {part!r}; expected name=size with name in {MESH_AXES} and size "
+                             f"a positive integer or -1 (the remaining devices)")
         out[key] = int(val)
     return out
 

@@ -10,9 +10,10 @@ start naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
-from gdsd_jax.config_io import ConfigError
+from gdsd_jax.config_io import ConfigError, check_ranges, ranged
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,7 +29,7 @@ class ModelSection:
 class TaskSection:
     name: str = "sudoku"
     format: Literal["compact", "chat"] = "compact"
-    prompt_length: int = 17
+    prompt_length: int = ranged(17, gt=0)
     truncate: Literal["left", "error"] = "left"
     system_prompt: bool = True
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -36,31 +37,31 @@ class TaskSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLSection:
-    prompts_per_step: int = 16          # P prompts per RL step (global): the groups trained on
+    prompts_per_step: int = ranged(16, gt=0)   # P prompts per RL step (global): the groups trained on
     # Dynamic sampling (gdsd_jax/rl/dynamic_sampling.py): roll out this many prompts and train on the
     # prompts_per_step groups with the largest reward spread. None: roll out exactly prompts_per_step.
-    rollout_prompts_per_step: int | None = None
-    num_generations: int = 8            # G completions per prompt
-    num_iterations: int = 1             # mu optimizer passes over one rollout buffer
-    micro_batch_size: int = 128         # rows per gradient-accumulation micro-batch (global)
-    total_steps: int = 300
-    seed: int = 0
+    rollout_prompts_per_step: int | None = ranged(None, gt=0)
+    num_generations: int = ranged(8, ge=2, why="group advantages need at least 2")   # G per prompt
+    num_iterations: int = ranged(1, gt=0)      # mu optimizer passes over one rollout buffer
+    micro_batch_size: int = ranged(128, gt=0)  # rows per gradient-accumulation micro-batch (global)
+    total_steps: int = ranged(300, gt=0)
+    seed: int = ranged(0, ge=0)
     advantage: Literal["loo", "group_mean"] = "loo"
     scale_std: bool = False
     reward_weights: dict[str, float] = dataclasses.field(default_factory=dict)
-    reference_refresh_every: int = 0    # 0 = the reference stays the initial model
-    max_nonfinite_in_a_row: int = 5
+    reference_refresh_every: int = ranged(0, ge=0)   # 0 = the reference stays the initial model
+    max_nonfinite_in_a_row: int = ranged(5, ge=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimSection:
-    lr: float = 3e-4
+    lr: float = ranged(3e-4, gt=0)
     schedule: Literal["constant", "constant_with_warmup", "cosine"] = "constant"
-    warmup_steps: int = 0
-    b1: float = 0.9
-    b2: float = 0.99
-    weight_decay: float = 0.01
-    max_grad_norm: float = 0.2
+    warmup_steps: int = ranged(0, ge=0)
+    b1: float = ranged(0.9, ge=0, lt=1)
+    b2: float = ranged(0.99, ge=0, lt=1)
+    weight_decay: float = ranged(0.01, ge=0)
+    max_grad_norm: float = ranged(0.2, gt=0)
     # Dtype of the trained weights in full fine-tuning: None keeps the checkpoint's (convert keeps bf16 for the
     # upstream models); "float32" holds fp32 master weights (compute stays in the model's compute dtype).
     # AdamW's moments are fp32 whatever this is. LoRA adapters are always fp32.
@@ -70,42 +71,42 @@ class OptimSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraSection:
     enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = ranged(8, gt=0)
+    alpha: float = ranged(16.0, gt=0)
+    dropout: float = ranged(0.0, ge=0, lt=1)     # only 0 is implemented (see validate)
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
-    every: int = 100
-    keep: int = 3
+    every: int = ranged(100, ge=0)
+    keep: int = ranged(3, ge=1)
     keep_best: bool = False
     async_save: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSection:
-    every: int = 0                      # 0 = only before and after training
+    every: int = ranged(0, ge=0)        # 0 = only before and after training
     split: str = "test"
-    max_examples: int | None = None
-    batch_size: int = 96
+    max_examples: int | None = ranged(None, gt=0)   # None: the whole split
+    batch_size: int = ranged(96, gt=0)
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)   # overrides of the train sampling
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTSection:
-    steps: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.99
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    min_t: float = 1e-3
-    eval_every: int = 10
-    stop_at_reward: float | None = None     # stop at the first eval with test reward >= this
-    seed: int = 0
+    steps: int = ranged(200, ge=0)
+    batch_size: int = ranged(128, gt=0)
+    lr: float = ranged(1e-3, gt=0)
+    b1: float = ranged(0.9, ge=0, lt=1)
+    b2: float = ranged(0.99, ge=0, lt=1)
+    weight_decay: float = ranged(0.01, ge=0)
+    max_grad_norm: float = ranged(1.0, gt=0)
+    min_t: float = ranged(1e-3, gt=0, lt=1)
+    eval_every: int = ranged(10, ge=0)
+    stop_at_reward: float | None = ranged(None)     # stop at the first eval with test reward >= this
+    seed: int = ranged(0, ge=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,8 +124,8 @@ class WarmStartSection:
 class DistributedSection:
     mesh: str = "data=1,fsdp=-1,tensor=1"
     coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: int | None = ranged(None, gt=0)
+    process_id: int | None = ranged(None, ge=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -166,49 +167,128 @@ class TrainConfig:
         """Prompts rolled out per RL step (global)."""
         return self.rl.rollout_prompts_per_step or self.rl.prompts_per_step
 
-    def validate(self) -> "TrainConfig":
-        """Check cross-field constraints and build the sub-configs once (errors name the key)."""
+    def validate(self, num_devices: int | None = None, num_processes: int = 1) -> "TrainConfig":
+        """Check every value and cross-field constraint and build the sub-configs once (errors name the key).
+
+        Nothing here loads a model or touches the run directory, so a wrong value fails before anything is
+        written. ``num_devices`` / ``num_processes`` (known once the distributed runtime is up) also check the
+        global batches against the mesh.
+        """
+        check_ranges(self)
         rl = self.rl
         rows = rl.prompts_per_step * rl.num_generations
-        if rl.num_generations < 2:
-            raise ConfigError(f"rl.num_generations={rl.num_generations}: group advantages need at least 2")
         if rows % rl.micro_batch_size:
             raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must divide "
                               f"rl.prompts_per_step*rl.num_generations={rows}")
-        for name in ("prompts_per_step", "num_iterations", "micro_batch_size", "total_steps"):
-            if getattr(rl, name) <= 0:
-                raise ConfigError(f"rl.{name} must be positive, got {getattr(rl, name)}")
         if rl.rollout_prompts_per_step is not None and rl.rollout_prompts_per_step < rl.prompts_per_step:
             raise ConfigError(f"rl.rollout_prompts_per_step={rl.rollout_prompts_per_step} must be >= "
                               f"rl.prompts_per_step={rl.prompts_per_step} (the groups trained on are chosen "
                               f"among the rolled-out ones), or null")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
-        if self.optim.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
         if self.optim.schedule == "cosine" and self.optim.warmup_steps >= rl.total_steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
                               f"rl.total_steps={rl.total_steps} for the cosine schedule (it decays over the steps "
                               f"after the warm-up); lower it or set optim.schedule=constant")
-        if self.model.preset is None and self.model.checkpoint is None:
-            raise ConfigError("model: set model.preset or model.checkpoint")
-        if self.lora.enabled and self.lora.rank <= 0:
-            raise ConfigError(f"lora.rank must be positive, got {self.lora.rank}")
-        self.sampling_config()
-        self.eval_sampling_config()
+        for name, weight in rl.reward_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"rl.reward_weights.{name}={weight!r}: expected a finite number")
+        if self.lora.dropout:
+            raise ConfigError(f"lora.dropout={self.lora.dropout}: adapter dropout is not supported (the adapters "
+                              f"are deterministic; the official recipes' 0.05 is not reproduced); set it to 0")
+        if self.lora.enabled:
+            from gdsd_jax.rl.lora import TARGETS
+            if not self.lora.targets or set(self.lora.targets) - set(TARGETS):
+                raise ConfigError(f"lora.targets={list(self.lora.targets)}: expected a non-empty subset of "
+                                  f"{list(TARGETS)}")
+        family = self._model_family()
+        self._check_task()
+        for key, scfg in (("sampling", self.sampling_config()), ("eval.sampling", self.eval_sampling_config())):
+            _check_sampler_layout(key, scfg, family)
         self.objective_config()
-        self.check_task()
+        mesh = self._mesh_axes()
+        if num_devices is not None:
+            self._check_batches(mesh, num_devices, num_processes)
         return self
 
-    def check_task(self) -> None:
-        """The task exists and offers the evaluation protocol ``task.kwargs.protocol`` asks for (the official
-        one evaluates chat prompts)."""
-        from gdsd_jax.tasks.base import check_protocol, task_class
-        protocol = self.task.kwargs.get("protocol", "project")
+    def _model_family(self) -> str | None:
+        """The model family when it is known without loading weights (a preset, or a checkpoint's config)."""
+        if self.model.checkpoint:
+            return _checkpoint_family(self.model.checkpoint)
+        if self.model.preset is None:
+            raise ConfigError("model: set model.preset or model.checkpoint")
+        from gdsd_jax.models.config import preset
         try:
-            check_protocol("task.kwargs.protocol", protocol, task_class(self.task.name).protocols)
+            return preset(self.model.preset, **self.model.overrides).family
+        except TypeError as e:
+            raise ConfigError(f"model.overrides: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"model.preset: {e}") from None
+
+    def _check_task(self) -> None:
+        """The task exists, takes ``task.kwargs`` and offers the evaluation protocol they ask for (the
+        official one evaluates chat prompts)."""
+        from gdsd_jax.tasks.base import check_task_arguments
+        try:
+            check_task_arguments(self.task.name, self.task.kwargs)
         except ValueError as e:
             raise ConfigError(f"task: {e}") from None
-        if protocol == "official" and self.task.format != "chat":
+        if self.task.kwargs.get("protocol", "project") == "official" and self.task.format != "chat":
             raise ConfigError("task.kwargs.protocol=official evaluates the official chat prompts: it needs "
                               f"task.format=chat, got {self.task.format!r}")
+
+    def _mesh_axes(self) -> dict[str, int]:
+        from gdsd_jax.distributed.mesh import parse_mesh_spec
+        try:
+            return parse_mesh_spec(self.distributed.mesh)
+        except ValueError as e:
+            raise ConfigError(f"distributed.mesh={self.distributed.mesh!r}: {e}") from None
+
+    def _check_batches(self, axes: dict[str, int], num_devices: int, num_processes: int) -> None:
+        """Every global batch must split evenly over the data-parallel devices (data x fsdp) and processes."""
+        from gdsd_jax.distributed.mesh import mesh_shape
+        try:
+            shape = mesh_shape(num_devices, **axes)
+        except ValueError as e:
+            raise ConfigError(f"distributed.mesh={self.distributed.mesh!r}: {e}") from None
+        ways = shape["data"] * shape["fsdp"]
+        devices = f"{ways} data-parallel devices (data x fsdp of mesh {shape})"
+        g = self.rl.num_generations
+        rollout = "rl.rollout_prompts_per_step" if self.rl.rollout_prompts_per_step else "rl.prompts_per_step"
+        batches = [(f"{rollout}*rl.num_generations", self.rollout_prompts * g, ways, devices),
+                   ("rl.prompts_per_step*rl.num_generations", self.rl.prompts_per_step * g, ways, devices),
+                   (rollout, self.rollout_prompts, num_processes, f"{num_processes} processes")]
+        if self.warm_start.mode == "sft":
+            batches.append(("sft.batch_size", self.sft.batch_size, ways, devices))
+        for key, n, parts, what in batches:
+            if n % parts:
+                raise ConfigError(f"{key}={n} does not split evenly over {what}; make it a multiple of {parts}")
+
+
+def _checkpoint_family(path: str) -> str | None:
+    """Family recorded in a params checkpoint or an HF ``config.json``; None if it cannot be read cheaply."""
+    import json
+    from pathlib import Path
+
+    from gdsd_jax.checkpoint.params_io import META_FILE
+    p = Path(path)
+    try:
+        if (p / META_FILE).is_file():
+            return json.loads((p / META_FILE).read_text())["config"]["family"]
+        if (p / "config.json").is_file():
+            from gdsd_jax.convert.hf_config import infer_family
+            return infer_family(json.loads((p / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None     # a remote path or an unusual layout: the loader reports problems when it reads it
+
+
+def _check_sampler_layout(key: str, scfg, family: str | None) -> None:
+    """The LLaDA sampler's block layout, checked now rather than at the first rollout.
+
+    With the family unknown, an explicit ``block_length`` is still checked: only the LLaDA sampler reads it.
+    """
+    sampler = scfg.sampler if scfg.sampler != "auto" else family
+    if sampler == "llada" or (sampler is None and scfg.block_length is not None):
+        try:
+            scfg.check_blocks()
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None

@@ -238,6 +238,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     cfg.validate()
     multihost.initialize(cfg.distributed.coordinator_address, cfg.distributed.num_processes,
                          cfg.distributed.process_id)
+    cfg.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
     out = storage_path(cfg.output_dir)     # local or gs://; a bucket without its packages fails here
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +253,13 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     elif not resume and ckpt.latest_step() is not None:
         raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints; pass --resume to continue "
                               f"or choose another --output-dir")
+    elif resume:    # launchers pass --resume on every start, the first one included
+        log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+    if resume_step is not None and resume_step >= cfg.rl.total_steps and (out / "eval_final_summary.json").exists():
+        log(f"--resume: the run finished at step {resume_step} (rl.total_steps={cfg.rl.total_steps}) and its final "
+            f"evaluation is in {out / 'eval_final_summary.json'}; nothing to do (raise rl.total_steps to train on)")
+        ckpt.close()
+        return TrainResult(None, None, resume_step, out)
 
     model_cfg, params = build_model(cfg, mesh)
     if cfg.warm_start.mode == "sft" and not cfg.model.checkpoint:

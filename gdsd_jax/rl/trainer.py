@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gdsd_jax.config_io import to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
+from gdsd_jax.errors import UserError
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.models.denoiser import param_shardings
 from gdsd_jax.rl import lora as lora_lib
@@ -42,7 +43,7 @@ from gdsd_jax.rl.config import TrainConfig
 from gdsd_jax.rl.dynamic_sampling import group_rows, groups_by_spread
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite updates; the run stopped (checkpoints are intact)."""
 
 
@@ -144,9 +145,6 @@ class RLTrainer:
         self.needs_ref = self.objective.needs_ref(self.obj_cfg)
         self.parts = ModelParts(model_cfg, cfg.lora.enabled,
                                 lora_lib.lora_scale(cfg.lora.rank, cfg.lora.alpha) if cfg.lora.enabled else 1.0)
-        if cfg.lora.enabled and cfg.lora.dropout:
-            raise ValueError("lora.dropout > 0 is not supported: the adapters are deterministic "
-                             "(the official recipes' 0.05 dropout is not reproduced)")
         self.tx = make_optimizer(cfg.optim, rl.total_steps, rl.num_iterations)
         self._base_params = base_params
         self._build_functions()

@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from gdsd_jax.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class TaskError(UserError, ValueError):
+    """An unknown task name or an argument its constructor does not take."""
 
 #: A reward function scores a batch: (completions, examples) -> one float per completion. It must be
 #: total: a malformed completion scores 0 (or the format score) and never raises.
@@ -247,24 +254,47 @@ def task_names() -> list[str]:
 
 
 def task_class(name: str) -> type[Task]:
-    """The class of a registered task (imported on first use)."""
+    """The class of a registered task (its module is imported on first use)."""
     try:
         target = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; expected one of {task_names()}") from None
+        raise TaskError(f"unknown task {name!r}; expected one of {task_names()}") from None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def task_arguments(name: str) -> list[str]:
+    """Keyword arguments the task's constructor accepts (what ``task.kwargs`` / ``eval KEY=VALUE`` may set).
+
+    ``protocol`` is accepted by every task (one with the project's protocol only takes ``project``).
+    """
+    params = inspect.signature(task_class(name)).parameters.values()
+    names = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names if "protocol" in names else [*names, "protocol"]
+
+
+def check_task_arguments(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`TaskError` naming an unknown task, an argument its constructor does not take, or a
+    protocol it does not offer (:attr:`Task.protocols`)."""
+    valid = task_arguments(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TaskError(f"task {name!r} takes no argument(s) {unknown}; valid: {valid}")
+    if "protocol" in kwargs:
+        try:
+            check_protocol(f"the protocol of task {name!r}", kwargs["protocol"], task_class(name).protocols)
+        except ValueError as e:
+            raise TaskError(str(e)) from None
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
     """Instantiate a registered task by name; keyword arguments go to its constructor.
 
-    ``protocol`` is checked against the task's :attr:`Task.protocols`; a task with the project's protocol
-    only takes no such argument, so ``protocol="project"`` is accepted and dropped for it.
+    A task with the project's protocol only takes no ``protocol`` argument, so ``protocol="project"`` is
+    accepted and dropped for it.
     """
+    check_task_arguments(name, kwargs)
     cls = task_class(name)
-    if "protocol" in kwargs:
-        check_protocol(f"the protocol of task {name!r}", kwargs["protocol"], cls.protocols)
-        if len(cls.protocols) == 1:
-            kwargs = {k: v for k, v in kwargs.items() if k != "protocol"}
+    if len(cls.protocols) == 1:
+        kwargs = {k: v for k, v in kwargs.items() if k != "protocol"}
     return cls(**kwargs)

@@ -1,13 +1,16 @@
 """Loading user-supplied data files (JSONL or Parquet) with per-row validation.
 
 A malformed row stops loading with an error naming the file, the row number (1-based; for JSONL the line
-number) and the column, and what was expected. Nothing is downloaded: paths are local files.
+number) and the column, and what was expected. Text files must be UTF-8 (a byte-order mark is accepted);
+a file that cannot be decoded or parsed at all is a :class:`DataError` naming it too. Nothing is
+downloaded: paths are local files.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -15,8 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gdsd_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data file or one of its rows is malformed."""
 
     def __init__(self, path: str | os.PathLike, row: int | None, column: str | None, message: str):
@@ -72,9 +77,24 @@ def is_int(value: Any) -> str | None:
     return None
 
 
+def _decode(path: Path, raw: bytes, row: int | None) -> str:
+    """UTF-8 text of ``raw`` (one line, or the whole file when ``row`` is None), without a byte-order mark."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if row is None:
+            row = raw[:e.start].count(b"\n") + 1
+            e_col = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        else:
+            e_col = e.start
+        raise DataError(path, row, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e_col + 1}); "
+                        f"save the file as UTF-8") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(path, raw, lineno)
             if not line.strip():
                 continue
             try:
@@ -85,21 +105,25 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(path, None, None, "reading Parquet needs the 'pyarrow' package (pip install pyarrow), "
                         "or convert the file to JSONL") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(path, None, None, f"not a readable Parquet file ({e})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
         yield i, row
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        # row numbers count the header as line 1, like a spreadsheet
-        for i, row in enumerate(reader, start=2):
-            yield i, row
+    text = _decode(path, path.read_bytes(), None)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # row numbers count the header as line 1, like a spreadsheet
+    for i, row in enumerate(reader, start=2):
+        yield i, row
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:

@@ -45,6 +45,9 @@ def load_math(path) -> list[dict]:
         solution = row["solution"]
         if "\\boxed" not in solution and "\\fbox" not in solution:
             raise DataError(path, rowno, "solution", "expected a worked solution with a \\boxed{} final answer")
+        if last_boxed(solution) is None:
+            raise DataError(path, rowno, "solution", "the last \\boxed{ never closes (unbalanced braces): the "
+                            "final answer cannot be read")
         answer = row.get("answer")
         return {"problem": row["problem"], "solution": solution,
                 "answer": answer if isinstance(answer, str) else gold_answer(solution)}

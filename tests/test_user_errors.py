@@ -1,0 +1,257 @@
+"""Errors at start-up and one line each: config values checked by validate() before anything is written, and
+the command line printing every user error as one line (``--debug`` for the traceback) without leaving an
+empty run directory behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from gdsd_jax import cli
+from gdsd_jax.config_io import ConfigError, load_config
+from gdsd_jax.rl.config import TrainConfig
+from tests.test_rl_trainer import REPO, TINY
+
+CONFIG = str(REPO / "configs/sudoku_tiny.yaml")
+
+
+def _cfg(*overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, CONFIG, list(overrides))
+
+
+# ---- validate(): every value, before anything is written ------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.b1=1.5", r"optim\.b1=1\.5: expected a finite number in \[0, 1\)"),
+    ("optim.b2=-1", r"optim\.b2=-1\.0: expected a finite number in \[0, 1\)"),
+    ("optim.max_grad_norm=-1", r"optim\.max_grad_norm=-1\.0: expected a finite number > 0"),
+    ("optim.weight_decay=-0.1", r"optim\.weight_decay=-0\.1: expected a finite number >= 0"),
+    ("optim.lr=.nan", r"optim\.lr=nan: expected a finite number > 0"),
+    ("optim.lr=.inf", r"optim\.lr=inf: expected a finite number > 0"),
+    ("rl.micro_batch_size=0", r"rl\.micro_batch_size=0: expected an integer > 0"),
+    ("rl.num_generations=1", r"rl\.num_generations=1: expected an integer >= 2 \(group advantages"),
+    ("sft.steps=-1", r"sft\.steps=-1: expected an integer >= 0"),
+    ("sft.batch_size=0", r"sft\.batch_size=0: expected an integer > 0"),
+    ("sft.b1=1.0", r"sft\.b1=1\.0: expected a finite number in \[0, 1\)"),
+    ("eval.max_examples=-3", r"eval\.max_examples=-3: expected an integer > 0"),
+    ("task.prompt_length=-2", r"task\.prompt_length=-2: expected an integer > 0"),
+    ("lora.alpha=-1", r"lora\.alpha=-1\.0: expected a finite number > 0"),
+    ("lora.dropout=0.05", r"lora\.dropout=0\.05: adapter dropout is not supported"),
+    ("distributed.mesh=bogus", r"distributed\.mesh='bogus': bad mesh entry 'bogus'"),
+    ("distributed.mesh=data=0", r"distributed\.mesh='data=0': bad mesh entry"),
+    ("sampling.block_length=5", r"sampling: .*gen_length=16 is not divisible by block_length=5"),
+    ("eval.sampling={block_length: 3}", r"eval\.sampling: .*not divisible by block_length=3"),
+    ("model.preset=nope", r"model\.preset: unknown model preset 'nope'"),
+    ("task.name=chess", r"task: unknown task 'chess'"),
+    ("task.kwargs={path: x.jsonl}", r"task 'sudoku' takes no argument\(s\) \['path'\]; valid: \['train_file'"),
+])
+def test_a_bad_value_fails_in_validate_naming_key_value_and_expectation(override, message):
+    cfg = _cfg(override)                        # the file and the override parse ...
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()                          # ... and validate() rejects the value
+
+
+def test_every_numeric_setting_declares_its_range():
+    """A numeric field added without a range would be accepted whatever its value: the declaration is the rule."""
+    unranged = []
+    for section in dataclasses.fields(TrainConfig):
+        cls = typing.get_type_hints(TrainConfig)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            scalar = {hint} if typing.get_origin(hint) is None else set(typing.get_args(hint)) - {type(None)}
+            if typing.get_origin(hint) in (dict, tuple, list):
+                continue
+            if scalar & {int, float} and "range" not in f.metadata:
+                unranged.append(f"{section.name}.{f.name}")
+    assert unranged == []
+
+
+def test_the_shipped_configs_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(TrainConfig, path).validate()
+
+
+def test_global_batches_are_checked_against_the_devices():
+    cfg = _cfg("rl.rollout_prompts_per_step=null", "rl.prompts_per_step=3", "rl.num_generations=2",
+               "rl.micro_batch_size=6", "warm_start.mode=none").validate()
+    cfg.validate(num_devices=2)                  # 6 rows over 2 devices: fine
+    with pytest.raises(ConfigError, match=r"rl\.prompts_per_step\*rl\.num_generations=6 does not split evenly "
+                                          r"over 4 data-parallel devices"):
+        cfg.validate(num_devices=4)
+    with pytest.raises(ConfigError, match=r"rl\.prompts_per_step=3 does not split evenly over 2 processes"):
+        cfg.validate(num_devices=2, num_processes=2)
+    with pytest.raises(ConfigError, match=r"sft\.batch_size=100 does not split evenly"):
+        _cfg("sft.batch_size=100").validate(num_devices=8)
+    # the tensor axis does not split the batch: 8 devices as fsdp=2 x tensor=4 leave 2 batch ways
+    _cfg("rl.rollout_prompts_per_step=null", "rl.prompts_per_step=3", "rl.num_generations=2",
+         "rl.micro_batch_size=6", "warm_start.mode=none",
+         "distributed.mesh=data=1,fsdp=2,tensor=4").validate(num_devices=8)
+
+
+def test_an_indivisible_batch_fails_before_the_run_directory_is_written(tmp_path):
+    from gdsd_jax.rl.run import run_train
+
+    out = tmp_path / "run"
+    cfg = load_config(TrainConfig, CONFIG, TINY + [f"output_dir={out}", "rl.prompts_per_step=3",
+                                                   "rl.num_generations=2", "rl.micro_batch_size=6"])
+    with pytest.raises(ConfigError, match="8 data-parallel devices"):   # the 8 fake CPU devices of conftest
+        run_train(cfg, progress=False)
+    assert not out.exists()
+
+
+# ---- the command line: one line, no empty run directory --------------------------------------------
+
+def _train(capsys, out, *extra, config=CONFIG) -> tuple[int, str]:
+    code = cli.main(["train", "--config", str(config), "--no-progress", "--output-dir", str(out), *TINY, *extra])
+    return code, capsys.readouterr().err
+
+
+def _one_line(err: str, *needles: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gdsd-jax train: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("rl.prompts=3", "rl.prompts"), ("model.preset=nope", "unknown model preset 'nope'"),
+    ("task.name=chess", "unknown task 'chess'"), ("lora.dropout=0.05", "lora.dropout=0.05"),
+    ("model.overrides={bogus: 1}", "bogus"), ("not_an_override", "expected KEY=VALUE"),
+])
+def test_config_errors_are_one_line_and_write_nothing(tmp_path, capsys, override, needle):
+    code, err = _train(capsys, tmp_path / "run", override)
+    assert code == 1
+    _one_line(err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_flag_and_env_var_show_the_traceback(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="lora.dropout"):
+        cli.main(["train", "--debug", "--config", CONFIG, "--output-dir", str(tmp_path / "a"), "lora.dropout=0.1"])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ConfigError, match="lora.dropout"):
+        cli.main(["train", "--config", CONFIG, "--output-dir", str(tmp_path / "b"), "lora.dropout=0.1"])
+
+
+def test_malformed_and_non_utf8_yaml_name_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  preset: sudoku_tiny\nrl: [unclosed\noptim:\n  lr: 1\n")
+    code, err = _train(capsys, tmp_path / "run", config=bad)
+    assert code == 1
+    line = _one_line(err, str(bad), "malformed YAML")
+    assert "line 4" in line        # PyYAML reports where the flow sequence turned out to be unclosed
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("model:\n  preset: sudoku_tiny\n# caf\u00e9\n".encode("latin-1"))
+    code, err = _train(capsys, tmp_path / "run", config=latin)
+    assert code == 1
+    _one_line(err, str(latin), "line 3", "not UTF-8")
+    bom = tmp_path / "bom.yaml"        # a UTF-8 byte-order mark (Windows editors) is fine
+    bom.write_bytes(b"\xef\xbb\xbf" + (REPO / "configs/sudoku_tiny.yaml").read_bytes())
+    assert load_config(TrainConfig, bom).model.preset == "sudoku_tiny"
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_and_nonfinite_errors_through_the_cli_are_one_line(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "train.jsonl"
+    bad.write_bytes(b'{"Puzzle": "0000000000000000", "Solution": "12\xff"}\n')
+    code, err = _train(capsys, tmp_path / "run", "rl.total_steps=1", f"task.kwargs={{train_file: {bad}}}")
+    assert code == 1
+    _one_line(err, str(bad), "not UTF-8")
+    assert not (tmp_path / "run").exists()       # created by the run, removed again since it held no file
+
+    from gdsd_jax.rl import run as run_mod
+    from gdsd_jax.rl.trainer import NonFiniteError
+
+    def nonfinite(cfg, **kw):
+        raise NonFiniteError("5 non-finite updates in a row at step 3; stopping")
+
+    monkeypatch.setattr(run_mod, "run_train", nonfinite)
+    code, err = _train(capsys, tmp_path / "run2")
+    assert code == 1
+    _one_line(err, "5 non-finite updates in a row at step 3")
+
+
+def test_run_directory_lifecycle_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """One run directory through every start-up case: --resume with no checkpoint yet (said, then a fresh
+    start), disk full at step 2 (one line naming the cause), the directory again without --resume, --resume
+    with another model, --resume recovering from the disk-full stop, and --resume of the finished run (no
+    second final evaluation)."""
+    from gdsd_jax.rl.metrics import MetricsLogger
+
+    out = tmp_path / "run"
+    real_log = MetricsLogger.log
+
+    def log(self, step, metrics):    # the disk fills up after the checkpoint of step 1
+        if step == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "metrics.jsonl"))
+        return real_log(self, step, metrics)
+
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    code = cli.main(["train", "--config", CONFIG, "--no-progress", "--output-dir", str(out), *TINY,
+                     "rl.total_steps=2", "--resume"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0" in captured.out
+    _one_line(captured.err, "no space left on the device while writing", "metrics.jsonl", "--resume")
+    monkeypatch.setattr(MetricsLogger, "log", real_log)
+
+    code, err = _train(capsys, out, "rl.total_steps=2")
+    assert code == 1
+    _one_line(err, "already holds checkpoints", "--resume")
+    code, err = _train(capsys, out, "rl.total_steps=2", "model.overrides.hidden_size=64", "--resume")
+    assert code == 1
+    _one_line(err, "config mismatch in model")
+
+    code, err = _train(capsys, out, "rl.total_steps=2", "--resume")      # space freed: the run recovers
+    assert code == 0, err
+    metrics = (out / "metrics.jsonl").read_text()
+    steps = [json.loads(x)["step"] for x in metrics.splitlines()]
+    assert steps == [0, 1, 2, 2]         # before, steps 1 and 2, the final evaluation at step 2
+
+    code = cli.main(["train", "--config", CONFIG, "--no-progress", "--output-dir", str(out), *TINY,
+                     "rl.total_steps=2", "--resume"])
+    assert code == 0
+    assert "the run finished at step 2" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_disk_full_reported_by_tensorstore_is_recognised():
+    """Orbax's array writer (TensorStore) reports ENOSPC as a ValueError carrying the OS message (the text of a
+    real tmpfs-full run); wrapped in Orbax's own error it is still the disk-full line, with the file."""
+    text = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.count/0" in OCDBT database at local file "/r/c/2.tmp/'
+            'ocdbt.process_0/": Failed writing: "/r/c/2.tmp/ocdbt.process_0/d/78109e": Failed to write 289329 '
+            "bytes to file 14: No space left on device [os_error_code='28']")
+    try:
+        try:
+            raise ValueError(text)
+        except ValueError as inner:
+            raise RuntimeError("Save Finalize thread (save_finalize) failed.") from inner
+    except RuntimeError as outer:
+        message = cli.user_error_message(outer)
+    assert message.startswith("no space left on the device while writing /r/c/2.tmp/ocdbt.process_0/d/78109e;")
+    assert cli.user_error_message(RuntimeError("Save Finalize thread failed.")) is None     # a bug: traceback
+
+
+def test_a_bad_allocator_setting_does_not_break_help_and_is_one_line(tmp_path):
+    env = {**os.environ, "GDSD_JAX_ALLOCATOR": "jemalloc", "PYTHONPATH": str(REPO)}
+    helped = subprocess.run([sys.executable, "-m", "gdsd_jax.cli", "--help"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0, helped.stderr
+    assert "train" in helped.stdout
+    run = subprocess.run([sys.executable, "-m", "gdsd_jax.cli", "plot", str(tmp_path)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert run.stderr.strip() == ("gdsd-jax plot: error: GDSD_JAX_ALLOCATOR='jemalloc': expected one of "
+                                  "tcmalloc, system (or unset)")
