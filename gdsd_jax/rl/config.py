@@ -178,6 +178,12 @@ class TrainConfig:
         for name in ("prompts_per_step", "num_iterations", "micro_batch_size", "total_steps"):
             if getattr(rl, name) <= 0:
                 raise ConfigError(f"rl.{name} must be positive, got {getattr(rl, name)}")
+        if rl.max_nonfinite_in_a_row < 1:
+            raise ConfigError(f"rl.max_nonfinite_in_a_row must be >= 1 (the number of consecutive steps with a "
+                              f"skipped non-finite update that stops the run), got {rl.max_nonfinite_in_a_row}")
+        if self.checkpoint.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1 (the newest checkpoint is always kept; keep >= 2 lets "
+                              f"a resume fall back from a damaged one), got {self.checkpoint.keep}")
         if rl.rollout_prompts_per_step is not None and rl.rollout_prompts_per_step < rl.prompts_per_step:
             raise ConfigError(f"rl.rollout_prompts_per_step={rl.rollout_prompts_per_step} must be >= "
                               f"rl.prompts_per_step={rl.prompts_per_step} (the groups trained on are chosen "
