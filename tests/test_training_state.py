@@ -132,12 +132,17 @@ def _largest_file(step_dir: Path) -> Path:
 def _damage(step_dir: Path, kind: str) -> None:
     """What a failing disk, an interrupted copy or a stray edit leaves behind in a committed step."""
     big = _largest_file(step_dir / "state")
-    if kind == "overwrite_4k":           # size unchanged: only a content check can notice
-        size = big.stat().st_size
-        with open(big, "r+b") as f:
-            f.seek(size // 3)
-            f.write(np.random.default_rng(0).bytes(4096))
-        assert big.stat().st_size == size
+    if kind == "overwrite_4k":
+        # Sizes unchanged: only a content check can notice. OCDBT data files can hold regions no longer
+        # referenced (damage there changes nothing that is restored, and the step rightly stays usable), so
+        # 4 KB are overwritten every 16 KB of every data file larger than 8 KB to be sure to hit live data.
+        rng = np.random.default_rng(0)
+        for p in (step_dir / "state").rglob("*"):
+            if p.is_file() and p.stat().st_size > 8192:
+                with open(p, "r+b") as f:
+                    for offset in range(4096, p.stat().st_size - 4096, 16384):
+                        f.seek(offset)
+                        f.write(rng.bytes(4096))
     elif kind == "truncate":
         with open(big, "r+b") as f:
             f.truncate(big.stat().st_size // 2)
