@@ -200,7 +200,7 @@ def test_every_step_damaged_is_one_error_naming_each(tmp_path):
         _damage(d / str(step), kind)
     ck = RunCheckpointer(d, async_save=False)
     with pytest.raises(CheckpointIntegrityError, match=r"no intact checkpoint in .*step 3: unreadable .*; "
-                                                        r"step 2: w differs from its save-time digest; step 1: "):
+                                                        r"step 2: .*; step 1: unreadable \(JSONDecodeError"):
         ck.restore_newest_intact(abstract_like(_state(0)))
     assert ck.all_steps() == [1, 2, 3]           # nothing moved when there is nothing to resume from
     ck.close()
