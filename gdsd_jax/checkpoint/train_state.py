@@ -7,7 +7,15 @@ One checkpoint step holds three items:
   a different mesh;
 * ``data_iter``: the Grain iterator state (the data pipeline resumes with exactly the next batch; it is
   never fast-forwarded);
-* ``meta``: JSON with the run config, counters and the best eval reward so far.
+* ``meta``: JSON with the run config, counters and the best eval reward so far, plus ``integrity``: the
+  save-time digest of every state array and of the rest of ``meta`` (:mod:`gdsd_jax.checkpoint.integrity`),
+  committed with the step.
+
+A state with a NaN or inf is never saved. :meth:`RunCheckpointer.restore` checks the restored arrays and
+metadata against the save-time digests, and :meth:`RunCheckpointer.restore_newest_intact` falls back from a
+step that fails (corrupted, truncated or missing files, or a mismatch) to the newest step that passes,
+moving the rejected steps aside to ``<directory>.rejected/`` so that the run can write those step numbers
+again.
 
 Saves are asynchronous (``async_save``); :meth:`RunCheckpointer.wait` blocks until they are durable.
 Every process of a multi-host run calls save and restore (Orbax synchronises them).
@@ -19,14 +27,59 @@ finished step with a ``commit_success.txt`` file instead of renaming a temporary
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from gdsd_jax.checkpoint.integrity import meta_digest, state_digests
 from gdsd_jax.checkpoint.params_io import storage_path
+from gdsd_jax.distributed.multihost import host_allgather
+
+T = TypeVar("T")
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint step that cannot be read, or whose contents differ from what was saved."""
+
+    def __init__(self, reason: str, step: int | None = None):
+        super().__init__(reason if step is None else f"checkpoint step {step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """The outcome of :meth:`RunCheckpointer.restore_newest_intact`.
+
+    ``rejected`` lists the newer steps that failed, newest first, as ``(step, reason, where it was moved)``.
+    """
+    step: int
+    state: Any
+    meta: dict
+    rejected: list[tuple[int, str, str]]
+
+
+def _root_cause(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of the innermost exception behind ``e`` (Orbax wraps the specific TensorStore or
+    file error in generic ones), without TensorStore's spec dump, at most ``limit`` characters."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    lines = str(e).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _on_every_process(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (all processes then take the same branch)."""
+    return bool(np.all(host_allgather(np.asarray([ok]))))
 
 
 class RunCheckpointer:
@@ -34,6 +87,8 @@ class RunCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_best: bool = False,
                  async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept")
         self.directory = storage_path(directory, absolute=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -55,22 +110,114 @@ class RunCheckpointer:
 
     def save(self, step: int, state: Any, data_iter: Any, meta: dict, *, eval_reward: float | None = None,
              force: bool = True) -> None:
+        """Save ``state`` and ``meta`` (JSON) as ``step``, with the digests that :meth:`restore` checks.
+
+        Raises ValueError, and writes nothing, if ``state`` holds a NaN or inf.
+        """
+        digests, nonfinite = state_digests(state)
+        if nonfinite:
+            raise ValueError(f"refusing to save checkpoint step {step} in {self.directory}: non-finite values in "
+                             f"{', '.join(nonfinite)}")
+        meta = dict(meta, integrity={"state": digests, "meta": meta_digest(meta)})
         metrics = {"eval_reward": eval_reward} if eval_reward is not None else None
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
-    def restore(self, step: int | None, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
-        """Restore ``state`` onto the shardings of ``abstract_state`` and ``data_iter`` in place."""
+    def _read(self, step: int, items: dict) -> dict:
+        """Orbax restore of ``items``; any failure to read them is a :class:`CheckpointIntegrityError`."""
+        error = None
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        # Missing, truncated or garbled files surface as whatever Orbax, TensorStore or json raise (OSError,
+        # ValueError, KeyError, JSONDecodeError, ...): all of them mean this step cannot be used.
+        except Exception as e:  # noqa: BLE001
+            error = e
+        if not _on_every_process(error is None):
+            why = _root_cause(error) if error else "on another process"
+            raise CheckpointIntegrityError(f"unreadable ({why})", step) from error
+        return out
+
+    @staticmethod
+    def _checked_meta(step: int, meta: dict) -> tuple[dict, dict | None]:
+        """``meta`` without its integrity record, after checking the record's metadata digest."""
+        meta = dict(meta)
+        record = meta.pop("integrity", None)
+        if record is None:        # written before digests were recorded: nothing to compare with
+            return meta, None
+        if not isinstance(record, dict) or record.get("meta") != meta_digest(meta):
+            raise CheckpointIntegrityError("its metadata differs from the save-time digest", step)
+        return meta, record
+
+    def restore(self, step: int | None, abstract_state: Any, data_iter: Any = None) -> tuple[Any, dict]:
+        """Restore ``state`` onto the shardings of ``abstract_state`` (and ``data_iter`` in place), checked
+        against the save-time digests (checkpoints from before digests were recorded: checked for finite
+        values). Raises :class:`CheckpointIntegrityError` naming what failed."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], out["meta"]
+        out = self._read(step, items)
+        meta, record = self._checked_meta(step, out["meta"])
+        digests, nonfinite = state_digests(out["state"])
+        if record is None:
+            if nonfinite:
+                raise CheckpointIntegrityError(f"non-finite values in {', '.join(nonfinite)}", step)
+        else:
+            saved = record.get("state") or {}
+            differ = sorted(k for k in set(saved) | set(digests) if saved.get(k) != digests.get(k))
+            if differ:
+                more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+                raise CheckpointIntegrityError(f"{differ[0]}{more} differs from its save-time digest", step)
+        return out["state"], meta
+
+    def _newest(self, read: Callable[[int], T]) -> tuple[int, T, list[tuple[int, str]]]:
+        """``read`` of the newest step it succeeds on, and the newer steps it failed on (newest first)."""
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, read(step), failed
+            except CheckpointIntegrityError as e:
+                failed.append((step, e.reason))
+        if not failed:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        raise CheckpointIntegrityError(f"no intact checkpoint in {self.directory}: " + "; ".join(
+            f"step {s}: {r}" for s, r in failed))
+
+    def newest_meta(self) -> tuple[int, dict]:
+        """(step, metadata) of the newest step whose metadata reads and matches its digest."""
+        step, meta, _ = self._newest(self.read_meta)
+        return step, meta
+
+    def restore_newest_intact(self, abstract_state: Any) -> Restored:
+        """Restore the newest step that passes :meth:`restore`'s checks; newer steps that fail are moved to
+        ``<directory>.rejected/`` (kept for inspection, and out of the way of the steps the run saves next)."""
+        step, (state, meta), failed = self._newest(lambda s: self.restore(s, abstract_state))
+        moved = self._set_aside([s for s, _ in failed])
+        return Restored(step, state, meta, [(s, r, m) for (s, r), m in zip(failed, moved)])
+
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Move step directories to ``<directory>.rejected/`` (process 0; every process then reloads)."""
+        if not steps:
+            return []
+        root = self.directory.parent / f"{self.directory.name}.rejected"
+        dests = []
+        for step in steps:
+            dest, n = root / str(step), 0
+            while dest.exists():
+                n += 1
+                dest = root / f"{step}.{n}"
+            dests.append(dest)
+            if jax.process_index() == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                (self.directory / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("gdsd_jax:checkpoints_set_aside")
+        self._mngr.reload()
+        return [os.fspath(d) for d in dests]
 
     def restore_on_one_device(self, step: int | None = None) -> Any:
         """The ``state`` item on this process's first device, whatever topology wrote it (inspection,
@@ -84,8 +231,9 @@ class RunCheckpointer:
         return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
     def read_meta(self, step: int | None = None) -> dict:
+        """The ``meta`` item of ``step`` (default: the latest), checked against its save-time digest."""
         step = self.latest_step() if step is None else step
-        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._checked_meta(step, self._read(step, dict(meta=ocp.args.JsonRestore()))["meta"])[0]
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

@@ -80,7 +80,7 @@ class LoraSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
     every: int = ranged(100, ge=0)
-    keep: int = ranged(3, ge=1)
+    keep: int = ranged(3, ge=1)     # the newest is always kept; keep >= 2 lets a resume fall back from a damaged one
     keep_best: bool = False
     async_save: bool = True
 

@@ -378,7 +378,9 @@ def read_records(run_dir: str | Path) -> list[dict]:
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    from gdsd_jax.rl.metrics import parse_records     # jax-free import path for the rest of this module
+
+    return parse_records(p.read_text(), p)
 
 
 def is_finished(run_dir: str | Path) -> bool:

@@ -1,7 +1,9 @@
 """Run metrics: a JSONL file (one object per step), TensorBoard event files, and the console bar.
 
 Only process 0 writes. On resume the JSONL is truncated to the restored step so that steps replayed
-after a crash are not recorded twice.
+after a crash are not recorded twice. A last line cut short by a crash in the middle of a write is dropped
+with a warning (when resuming and when reading the file); an unreadable line anywhere else is an error
+naming the line.
 
 The run directory may be local or a ``gs://`` URL (``etils.epath``). Object stores cannot append to an
 object, so for a remote directory the logger keeps the file's lines and rewrites the whole object after
@@ -62,10 +64,9 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-            self._lines = [line + "\n" for line in kept]
+            self._lines = [json.dumps(r) + "\n" for r in parse_records(self.path.read_text(), self.path)
+                           if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(self._lines))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -124,6 +125,30 @@ class MetricsLogger:
             self._tb = None
 
 
+def parse_records(text: str, source: Any) -> list[dict]:
+    """The records (one JSON object per line) of a metrics file's ``text``; ``source`` names it in messages.
+
+    A last line that is not a JSON object is what a crash in the middle of a write leaves: it is dropped
+    with a warning. Such a line anywhere else means the file was damaged: ValueError naming the line.
+    """
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif n == len(lines) - 1:
+            tqdm.write(f"warning: {source}, line {i}: incomplete last record (a write cut short) dropped",
+                       file=sys.stderr)
+        else:
+            raise ValueError(f"{source}, line {i}: not a JSON record ({line[:60]!r}); only the last line may be "
+                             f"incomplete (a write cut short), so the file was damaged: fix or remove that line")
+    return records
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Records of a ``metrics.jsonl`` file, or of the one in a run directory (local or ``gs://``)."""
     p = storage_path(path)
@@ -131,4 +156,4 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         p = p / "metrics.jsonl"
     if not p.exists():
         raise FileNotFoundError(f"no metrics file at {p}")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return parse_records(p.read_text(), p)

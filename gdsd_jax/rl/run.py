@@ -248,8 +248,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                            async_save=cfg.checkpoint.async_save)
     resume_step = ckpt.latest_step() if resume else None
     if resume and resume_step is not None:
-        saved = ckpt.read_meta(resume_step)["config"]
-        _check_resume_config(saved, to_dict(cfg))
+        _check_resume_config(ckpt.newest_meta()[1]["config"], to_dict(cfg))
     elif not resume and ckpt.latest_step() is not None:
         raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints; pass --resume to continue "
                               f"or choose another --output-dir")
@@ -280,7 +279,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     meta = {"config": to_dict(cfg), "model_config": model_cfg.to_dict(), "nonfinite_total": 0, "before": None,
             "best_eval": None}
     if resume_step is not None:
-        state, meta = ckpt.restore(resume_step, trainer.abstract_state(state), None)
+        restored = ckpt.restore_newest_intact(trainer.abstract_state(state))
+        for step, reason, moved in restored.rejected:
+            log(f"checkpoint step {step} rejected ({reason}); resuming from step {restored.step} instead "
+                f"(step {step} moved to {moved})")
+        state, meta, resume_step = restored.state, restored.meta, restored.step
         # Every process walks the same global index stream, so one iterator state serves any topology.
         data_it.set_state(meta["data_state"])
         log(f"resumed from step {resume_step}")
@@ -318,10 +321,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.2e}",
                             **({"test": f"{eval_reward:.3f}"} if eval_reward is not None else {}))
             if nonfinite_run >= cfg.rl.max_nonfinite_in_a_row:
+                ckpt.wait()
+                message = _nonfinite_stop_message(nonfinite_run, step, ckpt)
                 ckpt.close()
                 logger.close()
-                raise NonFiniteError(f"{nonfinite_run} non-finite updates in a row at step {step}; stopping. "
-                                     f"The last checkpoint in {out / 'checkpoints'} is intact.")
+                raise NonFiniteError(message)
             last = step == total
             if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or pre.requested:
                 meta["data_state"] = data_it.get_state()
@@ -347,6 +351,15 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         b = meta["before"]
         _print_summary(b, after.mean_reward, out, cfg.objective_config().name)
     return TrainResult(before, after, int(state["step"]), out)
+
+
+def _nonfinite_stop_message(in_a_row: int, step: int, ckpt: RunCheckpointer) -> str:
+    """Why the run stops, and what it leaves behind (checkpoints are never written with non-finite values)."""
+    last = ckpt.latest_step()
+    left = (f"the newest checkpoint is step {last} in {ckpt.directory} (saved with finite values)"
+            if last is not None else f"no checkpoint was written in {ckpt.directory}")
+    return (f"{in_a_row} steps in a row with a non-finite update (loss, gradient, or updated parameters or "
+            f"optimizer state), the last at step {step}; these updates were skipped, not applied. Stopping: {left}.")
 
 
 def _check_resume_config(saved: dict, current: dict, prefix: str = "") -> None:

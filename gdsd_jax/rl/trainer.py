@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gdsd_jax.checkpoint.integrity import all_finite
 from gdsd_jax.config_io import to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
@@ -44,7 +45,8 @@ from gdsd_jax.rl.dynamic_sampling import group_rows, groups_by_spread
 
 
 class NonFiniteError(UserError, RuntimeError):
-    """Too many consecutive non-finite updates; the run stopped (checkpoints are intact)."""
+    """Too many consecutive steps with a non-finite update; the run stopped (no non-finite update was applied
+    or saved)."""
 
 
 def make_optimizer(optim, total_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
@@ -248,7 +250,9 @@ class RLTrainer:
             gnorm = optax.tree.norm(grads)
             updates, new_opt = tx.update(grads, state["opt_state"], _fp32(trainable))
             new_trainable = optax.apply_updates(trainable, updates)
-            finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            # A finite loss and gradient can still give a non-finite update (an overflowing learning rate,
+            # Adam moments): the updated parameters and optimizer state are checked themselves.
+            finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite((new_trainable, new_opt))
             keep = lambda new, old_: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old_)  # noqa: E731
             new_state = dict(state, trainable=keep(new_trainable, trainable), opt_state=keep(new_opt, state["opt_state"]))
             out_metrics = {k: jnp.mean(v) for k, v in metrics.items()}

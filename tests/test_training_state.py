@@ -1,0 +1,315 @@
+"""Training state: non-finite updates are never applied or saved, restored checkpoints are verified against
+save-time digests (a damaged step falls back to the newest intact one), metrics files cut short by a crash
+still resume and plot, and the checkpoint settings that would lose every checkpoint are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdsd_jax.checkpoint.integrity import state_digests
+from gdsd_jax.checkpoint.train_state import CheckpointIntegrityError, RunCheckpointer, abstract_like
+from gdsd_jax.config_io import ConfigError, load_config
+from gdsd_jax.rl.config import TrainConfig
+from tests.test_rl_trainer import REPO, _final_trainable, _metrics, _trainer, tiny_cfg
+
+
+# ---- the digest ---------------------------------------------------------------------------------
+
+def _np_fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _np_digest(x: np.ndarray) -> str:
+    """The documented digest, element by element in NumPy ``uint32`` arithmetic (an independent reference)."""
+    bits = x.view(np.dtype(f"uint{x.dtype.itemsize * 8}")).astype(np.uint32).ravel()
+    index = np.arange(bits.size, dtype=np.uint32)
+    sums = [int(_np_fmix32(bits ^ _np_fmix32(index * np.uint32(0x9E3779B9) + np.uint32(seed))).sum(dtype=np.uint32))
+            for seed in (0x243F6A88, 0x85A308D3)]
+    return f"{sums[0]:08x}{sums[1]:08x}"
+
+
+def test_digest_matches_a_numpy_reference_on_any_layout():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    x = np.asarray(jax.random.normal(jax.random.key(0), (16, 24)))
+    tree = {"f32": x, "bf16": x.astype(jnp.bfloat16), "i32": np.arange(-5, 30, dtype=np.int32),
+            "scalar": np.float32(2.5), "key": np.asarray(jax.random.key_data(jax.random.key(3)))}
+    expected = {k: _np_digest(np.asarray(v).reshape(np.shape(v))) for k, v in tree.items()}
+    got, nonfinite = state_digests(jax.tree.map(jnp.asarray, tree))
+    assert got == expected and nonfinite == []
+    # Sharded over a 2 x 4 mesh: each device sums its block; the wrap-around sum does not depend on the order.
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    sharded = dict(tree, f32=jax.device_put(x, NamedSharding(mesh, P("a", "b"))),
+                   bf16=jax.device_put(tree["bf16"], NamedSharding(mesh, P("b", None))))
+    assert state_digests(sharded)[0] == expected
+    # One ulp in one element, or two rows swapped, changes the digest.
+    y = x.copy()
+    y[3, 5] = np.nextafter(y[3, 5], np.float32(10))
+    assert state_digests({"f32": y})[0]["f32"] != expected["f32"]
+    assert state_digests({"f32": x[[1, 0, *range(2, 16)]]})[0]["f32"] != expected["f32"]
+    assert state_digests(dict(tree, scalar=np.float32(np.inf)))[1] == ["scalar"]
+
+
+# ---- non-finite updates (an overflowing learning rate) --------------------------------------------
+
+def test_update_with_finite_loss_but_overflowing_step_is_not_applied(tmp_path):
+    """lr = 1e39 (inf in fp32): loss and gradient are finite, the updated parameters are not. The update is
+    counted as non-finite and the parameters and optimizer state stay exactly as they were."""
+    from gdsd_jax.rl.trainer import RLTrainer
+
+    cfg, trainer, task = _trainer(tmp_path)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e39))
+    trainer = RLTrainer(cfg, trainer.model_cfg, trainer._base_params, trainer.mesh, trainer.adapter, task)
+    state, frozen = trainer.init_state()
+    before = jax.tree.map(np.asarray, (state["trainable"], state["opt_state"]))
+    new_state, m = trainer.rl_step(state, frozen, list(task.examples("train"))[:4])
+    assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) and m["nonfinite_updates"] == 1
+    after = jax.tree.map(np.asarray, (new_state["trainable"], new_state["opt_state"]))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_nonfinite_stop_saves_only_finite_state_and_says_what_exists(tmp_path, monkeypatch, every):
+    """Every update overflows (an optimizer step scaled by 1e39); the run stops after 2 such steps. With
+    ``checkpoint.every=1`` step 1 was saved, with the finite initial state, and the message names it; with
+    ``every=2`` nothing was saved and the message says so instead of claiming an intact checkpoint."""
+    import optax
+
+    from gdsd_jax.rl import trainer as trainer_mod
+    from gdsd_jax.rl.run import run_train
+
+    original = trainer_mod.make_optimizer
+    monkeypatch.setattr(trainer_mod, "make_optimizer",
+                        lambda *a, **k: optax.chain(original(*a, **k), optax.scale(1e39)))
+    cfg = tiny_cfg(tmp_path, "rl.max_nonfinite_in_a_row=2", f"checkpoint.every={every}")
+    with pytest.raises(trainer_mod.NonFiniteError) as err:
+        run_train(cfg, progress=False)
+    message = str(err.value)
+    assert "2 steps in a row" in message and "at step 2" in message and "intact" not in message
+    ck = RunCheckpointer(tmp_path / "checkpoints")
+    if every == 2:
+        assert ck.all_steps() == [] and "no checkpoint was written" in message
+        return
+    assert ck.all_steps() == [1] and "newest checkpoint is step 1" in message
+    saved = jax.tree.map(np.asarray, ck.restore_on_one_device(1))
+    ck.close()
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved) if np.issubdtype(x.dtype, np.floating))
+
+
+def test_checkpointer_refuses_to_save_a_nonfinite_state(tmp_path):
+    ck = RunCheckpointer(tmp_path / "ck", async_save=False)
+    with pytest.raises(ValueError, match=r"refusing to save checkpoint step 1 .*non-finite values in b/w"):
+        ck.save(1, {"a": jnp.ones(3), "b": {"w": jnp.array([1.0, jnp.nan])}}, None, {})
+    assert ck.all_steps() == []
+    ck.close()
+
+
+# ---- damaged checkpoints: verification and fallback ------------------------------------------------
+
+def _state(i: int) -> dict:
+    return {"w": jnp.arange(50_000, dtype=jnp.float32) * (i + 1), "b": jnp.full((7, 3), i, jnp.bfloat16),
+            "n": jnp.int32(i)}
+
+
+def _largest_file(step_dir: Path) -> Path:
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _damage(step_dir: Path, kind: str) -> None:
+    """What a failing disk, an interrupted copy or a stray edit leaves behind in a committed step."""
+    big = _largest_file(step_dir / "state")
+    if kind == "overwrite_4k":
+        # Sizes unchanged: only a content check can notice. OCDBT data files can hold regions no longer
+        # referenced (damage there changes nothing that is restored, and the step rightly stays usable), so
+        # 4 KB are overwritten every 16 KB of every data file larger than 8 KB to be sure to hit live data.
+        rng = np.random.default_rng(0)
+        for p in (step_dir / "state").rglob("*"):
+            if p.is_file() and p.stat().st_size > 8192:
+                with open(p, "r+b") as f:
+                    for offset in range(4096, p.stat().st_size - 4096, 16384):
+                        f.seek(offset)
+                        f.write(rng.bytes(4096))
+    elif kind == "truncate":
+        with open(big, "r+b") as f:
+            f.truncate(big.stat().st_size // 2)
+    elif kind == "delete":
+        big.unlink()
+    elif kind == "delete_meta":
+        (step_dir / "meta" / "metadata").unlink()
+    elif kind == "truncate_meta":
+        p = step_dir / "meta" / "metadata"
+        p.write_bytes(p.read_bytes()[:40])
+    elif kind == "edit_meta":            # still valid JSON, one value changed
+        p = step_dir / "meta" / "metadata"
+        p.write_text(p.read_text().replace('"i": 3', '"i": 7'))
+    elif kind == "truncate_state_metadata":
+        p = step_dir / "state" / "_METADATA"
+        p.write_bytes(p.read_bytes()[:100])
+    else:
+        raise AssertionError(kind)
+
+
+def _three_steps(directory: Path) -> None:
+    ck = RunCheckpointer(directory, keep=5, async_save=False)
+    for i in (1, 2, 3):
+        ck.save(i, _state(i), None, {"i": i, "config": {"x": [1, 2]}})
+    ck.close()
+
+
+@pytest.mark.parametrize("kind", ["overwrite_4k", "truncate", "delete", "delete_meta", "truncate_meta", "edit_meta",
+                                  "truncate_state_metadata"])
+def test_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, kind):
+    d = tmp_path / "ck"
+    _three_steps(d)
+    _damage(d / "3", kind)
+    ck = RunCheckpointer(d, keep=5, async_save=False)
+    with pytest.raises(CheckpointIntegrityError, match="checkpoint step 3: "):
+        ck.restore(3, abstract_like(_state(0)))
+    restored = ck.restore_newest_intact(abstract_like(_state(0)))
+    assert restored.step == 2 and restored.meta == {"i": 2, "config": {"x": [1, 2]}}
+    for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(_state(2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    [(step, reason, moved)] = restored.rejected
+    assert step == 3 and "\n" not in reason and len(reason) < 300
+    # The damaged step is kept for inspection, out of the way of the run, which writes step 3 again.
+    assert Path(moved) == tmp_path / "ck.rejected" / "3" and Path(moved).is_dir()
+    assert ck.all_steps() == [1, 2]
+    ck.save(3, _state(3), None, {"i": 3})
+    assert ck.restore(3, abstract_like(_state(0)))[1] == {"i": 3}
+    ck.close()
+
+
+def test_every_step_damaged_is_one_error_naming_each(tmp_path):
+    d = tmp_path / "ck"
+    _three_steps(d)
+    for step, kind in ((3, "delete"), (2, "overwrite_4k"), (1, "truncate_meta")):
+        _damage(d / str(step), kind)
+    ck = RunCheckpointer(d, async_save=False)
+    with pytest.raises(CheckpointIntegrityError, match=r"no intact checkpoint in .*step 3: unreadable .*; "
+                                                        r"step 2: .*; step 1: unreadable \(JSONDecodeError"):
+        ck.restore_newest_intact(abstract_like(_state(0)))
+    assert ck.all_steps() == [1, 2, 3]           # nothing moved when there is nothing to resume from
+    ck.close()
+
+
+def _save_without_digests(directory: Path, step: int, state: dict, meta: dict) -> None:
+    """A step as checkpoints were written before digests were recorded (the same Orbax items, no record)."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def test_step_saved_without_digests_is_checked_for_finite_values(tmp_path):
+    d = tmp_path / "ck"
+    _save_without_digests(d, 1, _state(1), {"i": 1})
+    _save_without_digests(d, 2, dict(_state(2), w=_state(2)["w"].at[7].set(jnp.nan)), {"i": 2})
+    ck = RunCheckpointer(d, async_save=False)
+    restored = ck.restore_newest_intact(abstract_like(_state(0)))
+    assert restored.step == 1 and restored.meta == {"i": 1}
+    assert restored.rejected[0][:2] == (2, "non-finite values in w")
+    ck.close()
+
+
+# ---- damaged checkpoints: a real run resumes from the newest intact step ------------------------------
+
+@pytest.fixture(scope="module")
+def three_step_run(tmp_path_factory):
+    """A 3-step tiny run with a checkpoint after every step (reference for the resumes below)."""
+    from gdsd_jax.rl.run import run_train
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    run_train(tiny_cfg(run, "rl.total_steps=3"), progress=False)
+    return run
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["overwrite_4k", "delete"])
+def test_resume_from_a_damaged_newest_checkpoint_uses_the_previous_one_bitwise(three_step_run, tmp_path, capsys,
+                                                                                kind):
+    """Step 3 of a finished run is damaged: --resume says so in one line naming steps 3 and 2, replays step 3
+    from step 2, and ends with exactly the parameters and metrics of the undamaged run."""
+    from gdsd_jax.rl.run import run_train
+
+    run = _copy_run(three_step_run, tmp_path / "run")
+    _damage(run / "checkpoints" / "3", kind)
+    capsys.readouterr()
+    run_train(tiny_cfg(run, "rl.total_steps=3"), resume=True, progress=False)
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if "rejected" in x]
+    assert len(lines) == 1, out
+    line = lines[0]
+    assert line.startswith("checkpoint step 3 rejected (") and "resuming from step 2 instead" in line
+    assert "resumed from step 2" in out
+    assert (run / "checkpoints.rejected" / "3").is_dir()
+    s1, a = _final_trainable(three_step_run)
+    s2, b = _final_trainable(run)
+    assert s1 == s2 == 3
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert _metrics(run / "metrics.jsonl") == _metrics(three_step_run / "metrics.jsonl")
+
+
+# ---- metrics.jsonl cut short by a crash ------------------------------------------------------------
+
+def _write_cut_short(path: Path) -> None:
+    path.write_text(json.dumps({"step": 0, "test_reward": 0.25}) + "\n" + json.dumps({"step": 1, "reward_mean": 0.5})
+                    + "\n" + json.dumps({"step": 2, "reward_mean": 0.75})[:17])
+
+
+def test_metrics_cut_short_resume_and_plot(tmp_path, capsys):
+    from gdsd_jax.rl.metrics import MetricsLogger, read_metrics
+    from gdsd_jax.rl.plots import plot_run
+
+    path = tmp_path / "metrics.jsonl"
+    _write_cut_short(path)
+    assert read_metrics(tmp_path) == [{"step": 0, "test_reward": 0.25}, {"step": 1, "reward_mean": 0.5}]
+    assert "line 3: incomplete last record" in capsys.readouterr().err
+    assert [p.name for p in plot_run(tmp_path)] == ["reward.png", "diagnostics.png"]
+    # Resuming from step 1 keeps steps <= 1, drops the partial line, and appends after a complete line.
+    logger = MetricsLogger(tmp_path, tensorboard=False, resume_step=1)
+    logger.log(2, {"reward_mean": 0.875})
+    logger.close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"step": 0, "test_reward": 0.25}, {"step": 1, "reward_mean": 0.5}, {"step": 2, "reward_mean": 0.875}]
+
+
+def test_metrics_damaged_before_the_last_line_is_named(tmp_path):
+    from gdsd_jax.rl.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "x\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON record"):
+        read_metrics(tmp_path)
+
+
+# ---- settings that would lose every checkpoint or stop every run --------------------------------------
+
+@pytest.mark.parametrize("override,message", [
+    ("checkpoint.keep=0", r"checkpoint\.keep=0: expected an integer >= 1"),
+    ("rl.max_nonfinite_in_a_row=0", r"rl\.max_nonfinite_in_a_row=0: expected an integer >= 1"),
+])
+def test_settings_that_lose_checkpoints_or_stop_every_run_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", [override]).validate()
