@@ -6,9 +6,10 @@ logits as a NumPy array [B, L, V]), then does the rest in float64 NumPy with per
 from the tokens every step, ``-inf`` confidence beyond the current block, per-row top-k, the Dream ``k``
 recomputed from the live mask count and ``np.linspace(..., dtype=float32)`` timesteps.
 
-Deliberate rules shared with the package (documented in docs/sampling.md): the mask token is never a
-sampling outcome (its logit is -inf), ``confidence_eos_eot_inf`` masks EOS and EoT in the confidence softmax
-at every temperature, and top-k ties go to the lower position.
+The mask token is an ordinary outcome, as upstream (a position that draws it stays masked);
+``ban_mask_token=True`` sets its logit to -inf before sampling and confidence. Deliberate rules shared with
+the package (documented in docs/sampling.md): ``confidence_eos_eot_inf`` masks EOS and EoT in the confidence
+softmax at every temperature, and top-k ties go to the lower position.
 
 Randomness: pass ``rng`` (a ``numpy.random.Generator``) to sample, or ``transfer_steps`` [B, Lg] (the step at
 which each completion token was revealed, e.g. from the package) to replay the random position choice of
@@ -50,8 +51,8 @@ def _sample(logits: np.ndarray, temperature: float, rng) -> np.ndarray:
 def llada_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
                     eos_id: int, gen_length: int, steps: int, block_length: int, temperature: float = 0.0,
                     cfg_scale: float = 0.0, remasking: str = "low_confidence", logits_eos_inf: bool = False,
-                    confidence_eos_eot_inf: bool = False, eot_id: int | None = None, rng=None,
-                    transfer_steps: np.ndarray | None = None) -> np.ndarray:
+                    confidence_eos_eot_inf: bool = False, eot_id: int | None = None, ban_mask_token: bool = False,
+                    rng=None, transfer_steps: np.ndarray | None = None) -> np.ndarray:
     """LLaDA ``generate``: returns x [B, Lp + Lg]."""
     b, lp = prompt.shape
     x = np.full((b, lp + gen_length), mask_id, dtype=np.int64)
@@ -85,7 +86,8 @@ def llada_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
             else:
                 logits = np.asarray(logits_fn(x, am), dtype=np.float64)
             logits = logits.copy()
-            logits[:, :, mask_id] = -np.inf
+            if ban_mask_token:
+                logits[:, :, mask_id] = -np.inf
             if logits_eos_inf:
                 logits[:, :, eos_id] = -np.inf
             x0 = _sample(logits, temperature, rng)
@@ -166,7 +168,7 @@ def dream_sample_tokens(logits: np.ndarray, temperature: float = 0.0, top_p=None
 
 def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
                     gen_length: int, steps: int, eps: float = 1e-3, alg: str = "entropy", alg_temp=None,
-                    temperature: float = 0.0, top_p=None, top_k=None, rng=None,
+                    temperature: float = 0.0, top_p=None, top_k=None, ban_mask_token: bool = False, rng=None,
                     transfer_steps: np.ndarray | None = None) -> np.ndarray:
     """Dream ``diffusion_generate``: returns x [B, Lp + Lg]."""
     b, lp = prompt.shape
@@ -179,7 +181,8 @@ def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
     for i in range(steps):
         mask_index = x == mask_id
         logits = np.asarray(logits_fn(x, am), dtype=np.float64).copy()
-        logits[:, :, mask_id] = -np.inf
+        if ban_mask_token:
+            logits[:, :, mask_id] = -np.inf
         mask_logits = logits[mask_index]
         t, s = timesteps[i], timesteps[i + 1]
         if alg == "origin":

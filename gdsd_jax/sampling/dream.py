@@ -7,8 +7,9 @@ Per step ``i`` with float32 timesteps ``t = ts[i]``, ``s = ts[i + 1]`` of ``lins
 * ``maskgit_plus`` / ``topk_margin`` / ``entropy``: a token and a confidence per masked position
   (probability of the token / top-1 minus top-2 probability / negative entropy), then the ``k_i`` most
   confident positions are revealed (``alg_temp > 0``: ``k_i`` positions drawn without replacement from
-  ``softmax(confidence / alg_temp)``, done here as Gumbel-top-k). ``k_i`` follows
-  :func:`~gdsd_jax.sampling.schedules.dream_transfer_schedule`.
+  ``softmax(confidence / alg_temp)``, done here as Gumbel-top-k). ``k_i = int(n_i * (1 - s/t))`` of the
+  row's ``n_i`` still-masked tokens (all at the last step): :func:`~gdsd_jax.sampling.schedules.
+  dream_transfer_schedule` unless a drawn mask id left a position masked.
 
 Dream's next-token shift is undone inside the model: the aligned logits used here are upstream's shifted
 logits. Attention mask and positions for left-padded prompts are derived by the model from the mask.
@@ -25,10 +26,10 @@ from jax.sharding import Mesh
 from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
-from gdsd_jax.sampling.common import (NEG_INF, gumbel_argmax, select_top, set_columns, top_k_filter,
+from gdsd_jax.sampling.common import (NEG_INF, ban_mask_token, gumbel_argmax, select_top, top_k_filter,
                                       top_p_filter)
 from gdsd_jax.sampling.config import SamplingConfig
-from gdsd_jax.sampling.schedules import dream_origin_probs, dream_transfer_schedule
+from gdsd_jax.sampling.schedules import dream_transfer_fractions
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array | None, *, temperature: float, top_p: float | None,
@@ -74,10 +75,8 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     bsz, lp = prompt_ids.shape
     lg, steps = cfg.gen_length, cfg.steps
     mask_id = model_cfg.mask_token_id
-    if cfg.alg == "origin":
-        table = jnp.asarray(dream_origin_probs(steps, cfg.eps))          # float32 [steps]
-    else:
-        table = jnp.asarray(dream_transfer_schedule(lg, steps, cfg.eps))  # int32 [steps]
+    # float32 [steps]: origin's reveal probability, or the fraction of the still-masked tokens revealed.
+    table = jnp.asarray(dream_transfer_fractions(steps, cfg.eps))
     greedy_select = cfg.alg_temp is None or cfg.alg_temp == 0
 
     x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((bsz, lg), mask_id, jnp.int32)], axis=1)
@@ -94,8 +93,7 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         k_tok, k_sel = jax.random.split(jax.random.fold_in(key, step))
         out = denoiser.logits(params, model_cfg, x, am, positions=pos, mesh=mesh, lora=lora,
                               lora_scale=lora_scale).astype(jnp.float32)          # [B, Lg, V]
-        # The mask token is never a sampling outcome (see docs/sampling.md).
-        out = set_columns(out, [mask_id], NEG_INF)
+        out = ban_mask_token(out, mask_id, cfg)
         conf, x0 = sample_tokens(out, k_tok, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                  confidence=_CONFIDENCE[cfg.alg])
         cur = x[:, lp:]
@@ -107,10 +105,13 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
             if not greedy_select:
                 g = jax.random.gumbel(k_sel, (bsz, lg), jnp.float32)
                 scores = jnp.where(masked, scores / jnp.float32(cfg.alg_temp) + g, NEG_INF)
-            chosen = select_top(scores, table[step]) & masked
+            # k from the live mask count, per row (upstream at batch size 1): it follows
+            # dream_transfer_schedule unless a mask id was drawn, which leaves its position masked.
+            n_masked = jnp.sum(masked, axis=1, keepdims=True).astype(jnp.float32)
+            chosen = select_top(scores, (n_masked * table[step]).astype(jnp.int32)) & masked
         x = x.at[:, lp:].set(jnp.where(chosen, x0, cur))
         x = constrain(x, mesh, ("batch", "length"))
-        unmask = jnp.where(chosen, step, unmask)
+        unmask = jnp.where(chosen & (x0 != mask_id), step, unmask)   # a drawn mask id reveals nothing
         return x, unmask
 
     x, unmask = jax.lax.fori_loop(0, steps, body, (x, unmask))

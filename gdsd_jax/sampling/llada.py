@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
-from gdsd_jax.sampling.common import NEG_INF, gumbel_argmax, log_prob_of, select_top, set_columns
+from gdsd_jax.sampling.common import NEG_INF, ban_mask_token, gumbel_argmax, log_prob_of, select_top, set_columns
 from gdsd_jax.sampling.config import SamplingConfig
 from gdsd_jax.sampling.schedules import llada_transfer_schedule
 
@@ -52,9 +52,6 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         am = constrain(am, mesh, ("batch", "length"))
     unmask = jnp.full((bsz, lg), -1, jnp.int32)
 
-    # Vocabulary columns that may never be sampled: the mask token itself (a denoiser's output is a clean
-    # token; upstream could in principle emit the mask id and leave the position masked), and EOS when asked.
-    banned = [mask_id] + ([model_cfg.eos_token_id] if cfg.logits_eos_inf else [])
     no_conf = [model_cfg.eos_token_id] + ([cfg.eot_token_id] if cfg.eot_token_id is not None else [])
 
     def block_logits(x, start):
@@ -77,7 +74,9 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         b, i = step // spb, step % spb
         start = lp + b * blk
         k_tok, k_conf = jax.random.split(jax.random.fold_in(key, step))
-        lg_ = set_columns(block_logits(x, start), banned, NEG_INF)
+        lg_ = ban_mask_token(block_logits(x, start), mask_id, cfg)
+        if cfg.logits_eos_inf:
+            lg_ = set_columns(lg_, [model_cfg.eos_token_id], NEG_INF)
         x0 = gumbel_argmax(lg_, cfg.temperature, k_tok)                  # [B, blk]
         if cfg.remasking == "low_confidence":
             conf_logits = set_columns(lg_, no_conf, NEG_INF) if cfg.confidence_eos_eot_inf else lg_
@@ -89,8 +88,9 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         chosen = select_top(jnp.where(masked, conf, NEG_INF), counts[i]) & masked
         x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, x0, cur), start, axis=1)
         x = constrain(x, mesh, ("batch", "length"))
+        revealed = chosen & (x0 != mask_id)                               # a drawn mask id reveals nothing
         ublk = jax.lax.dynamic_slice_in_dim(unmask, b * blk, blk, axis=1)
-        unmask = jax.lax.dynamic_update_slice_in_dim(unmask, jnp.where(chosen, step, ublk), b * blk, axis=1)
+        unmask = jax.lax.dynamic_update_slice_in_dim(unmask, jnp.where(revealed, step, ublk), b * blk, axis=1)
         return x, unmask
 
     x, unmask = jax.lax.fori_loop(0, cfg.steps, body, (x, unmask))
