@@ -77,6 +77,22 @@ def test_all_recipes_present():
 
 
 @pytest.mark.parametrize("name", RECIPES)
+def test_dream_recipes_sample_top_50_as_the_official_runs(name):
+    """Official Dream rollouts and evaluations run top-50 filtered (transformers 4.x's default top_k reaches
+    diffusion_generate, official_eval.md §5); LLaDA's sampler has no top-k."""
+    cfg = load_config(TrainConfig, REPO / "configs" / name).validate()
+    want = 50 if name.startswith("dream") else None
+    assert cfg.sampling_config().top_k == want and cfg.eval_sampling_config().top_k == want
+
+
+def test_eval_command_gives_dream_models_the_official_top_k():
+    from gdsd_jax.commands.eval import eval_top_k
+
+    assert eval_top_k(None, "dream") == 50 and eval_top_k(None, "llada") is None
+    assert eval_top_k(0, "dream") is None and eval_top_k(20, "dream") == 20 and eval_top_k(20, "llada") == 20
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_recipe_builds_train_step_shapes(name):
     """Every recipe validates and its real update step traces on an abstract 8-device mesh (no weights)."""
     from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec

@@ -22,12 +22,24 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", default="low_confidence")
     p.add_argument("--alg", default=None, help="Dream unmasking order (default: entropy)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="Dream top-k filtering (default for Dream models: the official evaluations' effective "
+                        "top-k, see docs/sampling.md; 0 disables it)")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="output directory for eval.jsonl and eval_summary.json")
     p.add_argument("task_kwargs", nargs="*", metavar="KEY=VALUE", help="task constructor arguments (e.g. path=data.jsonl)")
+
+
+def eval_top_k(requested: int | None, family: str) -> int | None:
+    """``--top-k`` (0: off); unset, Dream models get the official evaluations' effective top-k."""
+    from gdsd_jax.sampling import DREAM_OFFICIAL_TOP_K
+
+    if requested is None:
+        return DREAM_OFFICIAL_TOP_K if family == "dream" else None
+    return requested or None
 
 
 def run(args) -> int:
@@ -58,7 +70,7 @@ def run(args) -> int:
                            **({} if fmt == "compact" else {"split": args.split}))
     sampler = {"gen_length": args.gen_length, "steps": args.steps or args.gen_length,
                "block_length": args.block_length or args.gen_length, "temperature": args.temperature,
-               "remasking": args.remasking}
+               "remasking": args.remasking, "top_k": eval_top_k(args.top_k, model.config.family)}
     if args.alg:
         sampler["alg"] = args.alg
     scfg = SamplingConfig(**sampler)
