@@ -219,7 +219,7 @@ def test_mask_token_is_sampled_as_upstream_unless_banned(family, llada, dream):
         np.testing.assert_array_equal(seqs, ref, err_msg=f"ban_mask_token={ban}")
         runs[ban] = seqs, when
     assert not np.any(runs[True][0] == cfg.mask_token_id)
-    assert np.any(runs[False][1][:, :] != runs[True][1]), "the same positions were revealed at every step"
+    assert np.any(runs[False][1] != runs[True][1]), "the same positions were revealed at every step"
     assert not SamplingConfig().ban_mask_token
 
 

@@ -20,7 +20,8 @@ from gdsd_jax.sampling.schedules import (dream_origin_probs, dream_timesteps, dr
                                          dream_transfer_schedule, llada_transfer_schedule)
 
 __all__ = [
-    "ALGORITHMS", "DREAM_OFFICIAL_TOP_K", "REMASKING", "SAMPLERS", "SampleOutput", "SamplingConfig", "check_inputs", "completion_mask",
-    "dream_generate", "dream_origin_probs", "dream_timesteps", "dream_transfer_fractions", "dream_transfer_schedule",
-    "generate", "generate_jit", "llada_generate", "llada_transfer_schedule", "sample_tokens",
+    "ALGORITHMS", "DREAM_OFFICIAL_TOP_K", "REMASKING", "SAMPLERS", "SampleOutput", "SamplingConfig", "check_inputs",
+    "completion_mask", "dream_generate", "dream_origin_probs", "dream_timesteps", "dream_transfer_fractions",
+    "dream_transfer_schedule", "generate", "generate_jit", "llada_generate", "llada_transfer_schedule",
+    "sample_tokens",
 ]
