@@ -228,6 +228,33 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+#: The embedded default run (the tiny Sudoku GDSD run), as a path below ``configs/``.
+DEFAULT_CONFIG = "configs/sudoku_tiny.yaml"
+
+
+def shipped_configs() -> Path:
+    """The run configs shipped with the package: ``gdsd_jax/configs`` (package data in a wheel; in the
+    source tree a link to the top-level ``configs/``, the one copy of the files)."""
+    from importlib import resources
+
+    return Path(str(resources.files("gdsd_jax") / "configs"))
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """A run config's file: ``path`` if it exists, otherwise the shipped config with the same path below
+    ``configs/`` (``configs/llada_8b_math.yaml`` or ``llada_8b_math.yaml``), so the documented commands work
+    from any directory after ``pip install``. ``None`` is :data:`DEFAULT_CONFIG`."""
+    p = Path(DEFAULT_CONFIG if path is None else path)
+    if p.is_file():
+        return p
+    below = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else p
+    shipped = shipped_configs() / below
+    if not p.is_absolute() and shipped.is_file():
+        return shipped
+    names = sorted(str(f.relative_to(shipped_configs())) for f in shipped_configs().rglob("*.yaml"))
+    raise ConfigError(f"config file {str(p)!r} not found, and no shipped config has that name; shipped: {names}")
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = (),
                 base: Mapping | None = None) -> T:
     """Read ``path`` (or start from ``base``), apply overrides, build ``cls``."""

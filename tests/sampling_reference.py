@@ -6,9 +6,10 @@ logits as a NumPy array [B, L, V]), then does the rest in float64 NumPy with per
 from the tokens every step, ``-inf`` confidence beyond the current block, per-row top-k, the Dream ``k``
 recomputed from the live mask count and ``np.linspace(..., dtype=float32)`` timesteps.
 
-Deliberate rules shared with the package (documented in docs/sampling.md): the mask token is never a
-sampling outcome (its logit is -inf), ``confidence_eos_eot_inf`` masks EOS and EoT in the confidence softmax
-at every temperature, and top-k ties go to the lower position.
+The mask token is an ordinary outcome, as upstream (a position that draws it stays masked);
+``ban_mask_token=True`` sets its logit to -inf before sampling and confidence. Deliberate rules shared with
+the package (documented in docs/sampling.md): ``confidence_eos_eot_inf`` masks EOS and EoT in the confidence
+softmax at every temperature, and top-k ties go to the lower position.
 
 Randomness: pass ``rng`` (a ``numpy.random.Generator``) to sample, or ``transfer_steps`` [B, Lg] (the step at
 which each completion token was revealed, e.g. from the package) to replay the random position choice of
@@ -61,8 +62,8 @@ def _initial(prompt: np.ndarray, prompt_mask: np.ndarray | None, mask_id: int, g
 def llada_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
                     eos_id: int, gen_length: int, steps: int, block_length: int, temperature: float = 0.0,
                     cfg_scale: float = 0.0, remasking: str = "low_confidence", logits_eos_inf: bool = False,
-                    confidence_eos_eot_inf: bool = False, eot_id: int | None = None, rng=None,
-                    transfer_steps: np.ndarray | None = None) -> np.ndarray:
+                    confidence_eos_eot_inf: bool = False, eot_id: int | None = None, ban_mask_token: bool = False,
+                    rng=None, transfer_steps: np.ndarray | None = None) -> np.ndarray:
     """LLaDA ``generate``: returns x [B, Lp + Lg]."""
     b, lp = prompt.shape
     x, am = _initial(prompt, prompt_mask, mask_id, gen_length)
@@ -92,7 +93,8 @@ def llada_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
             else:
                 logits = np.asarray(logits_fn(x, am), dtype=np.float64)
             logits = logits.copy()
-            logits[:, :, mask_id] = -np.inf
+            if ban_mask_token:
+                logits[:, :, mask_id] = -np.inf
             if logits_eos_inf:
                 logits[:, :, eos_id] = -np.inf
             x0 = _sample(logits, temperature, rng)
@@ -173,7 +175,7 @@ def dream_sample_tokens(logits: np.ndarray, temperature: float = 0.0, top_p=None
 
 def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
                     gen_length: int, steps: int, eps: float = 1e-3, alg: str = "entropy", alg_temp=None,
-                    temperature: float = 0.0, top_p=None, top_k=None, rng=None,
+                    temperature: float = 0.0, top_p=None, top_k=None, ban_mask_token: bool = False, rng=None,
                     transfer_steps: np.ndarray | None = None) -> np.ndarray:
     """Dream ``diffusion_generate``: returns x [B, Lp + Lg]."""
     b, lp = prompt.shape
@@ -182,7 +184,8 @@ def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
     for i in range(steps):
         mask_index = x == mask_id
         logits = np.asarray(logits_fn(x, am), dtype=np.float64).copy()
-        logits[:, :, mask_id] = -np.inf
+        if ban_mask_token:
+            logits[:, :, mask_id] = -np.inf
         mask_logits = logits[mask_index]
         t, s = timesteps[i], timesteps[i + 1]
         if alg == "origin":
@@ -220,22 +223,28 @@ def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
 
 
 def threshold_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
-                        gen_length: int, block_length: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+                        gen_length: int, block_length: int, threshold: float,
+                        ban_mask_token: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fast-dLLM's confidence-aware parallel decoding, greedy, a full forward every step (both families: the
     confidence is the probability of the argmax token). Returns (x [B, Lp + Lg], forwards per row [B]).
 
     Per block and row: while the row's block has a mask, reveal every masked position whose confidence is
     >= threshold and at least the most confident one (ties: lower position); a row whose block is done
-    waits (no forward counted) for the others.
+    waits (no forward counted) for the others. A block gets at most ``block_length`` steps: a revealed mask id
+    (the mask token is an ordinary outcome unless ``ban_mask_token``) leaves its position masked, so a row
+    may end a block with masks left.
     """
     b, lp = prompt.shape
     x, am = _initial(prompt, prompt_mask, mask_id, gen_length)
     nfe = np.zeros(b, dtype=np.int64)
     for nb in range(gen_length // block_length):
         s0, s1 = lp + nb * block_length, lp + (nb + 1) * block_length
-        while (x[:, s0:s1] == mask_id).any():
+        for _ in range(block_length):
+            if not (x[:, s0:s1] == mask_id).any():
+                break
             logits = np.asarray(logits_fn(x, am), dtype=np.float64)[:, s0:s1].copy()
-            logits[:, :, mask_id] = -np.inf
+            if ban_mask_token:
+                logits[:, :, mask_id] = -np.inf
             x0 = np.argmax(logits, axis=-1)
             conf = np.take_along_axis(_softmax(logits), x0[..., None], -1)[..., 0]
             for r in range(b):

@@ -74,12 +74,13 @@ def test_cached_steps_process_fewer_positions(models):
 
 
 @pytest.mark.parametrize("name", ["llada", "dream"])
-@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.9])
-def test_threshold_matches_reference(models, name, threshold):
+@pytest.mark.parametrize("threshold,ban", [(0.3, False), (0.6, False), (0.9, False), (0.6, True)])
+def test_threshold_matches_reference(models, name, threshold, ban):
     cfg, params, ids, mask = models[name]
     ref, ref_nfe = threshold_reference(jax_logits_fn(params, cfg), ids, mask, mask_id=cfg.mask_token_id,
-                                       gen_length=LG, block_length=4, threshold=threshold)
-    scfg = SamplingConfig(gen_length=LG, steps=3, block_length=4, threshold=threshold, return_unmask_step=True)
+                                       gen_length=LG, block_length=4, threshold=threshold, ban_mask_token=ban)
+    scfg = SamplingConfig(gen_length=LG, steps=3, block_length=4, threshold=threshold, return_unmask_step=True,
+                          ban_mask_token=ban)
     out = _run(models[name], scfg)
     np.testing.assert_array_equal(out.sequences, ref)
     np.testing.assert_array_equal(out.nfe, ref_nfe)
@@ -94,7 +95,9 @@ def test_threshold_matches_reference(models, name, threshold):
 
 @pytest.mark.parametrize("name", ["llada", "dream"])
 def test_unreachable_threshold_reveals_one_token_per_step(models, name):
-    scfg = SamplingConfig(gen_length=LG, steps=LG, block_length=4, threshold=1.0, return_unmask_step=True)
+    # The mask token banned: a drawn mask id would reveal nothing at its step.
+    scfg = SamplingConfig(gen_length=LG, steps=LG, block_length=4, threshold=1.0, return_unmask_step=True,
+                          ban_mask_token=True)
     out = _run(models[name], scfg)
     assert out.nfe.tolist() == [LG] * B
     for row in out.unmask_step:                                    # one position per step
@@ -104,7 +107,7 @@ def test_unreachable_threshold_reveals_one_token_per_step(models, name):
     else:   # Dream's own schedule is not one token per step (it is 0, 1, 1, 2 for 4 steps): the reference
         cfg, params, ids, mask = models[name]
         exact, _ = threshold_reference(jax_logits_fn(params, cfg), ids, mask, mask_id=cfg.mask_token_id,
-                                       gen_length=LG, block_length=4, threshold=np.inf)
+                                       gen_length=LG, block_length=4, threshold=np.inf, ban_mask_token=True)
     np.testing.assert_array_equal(out.sequences, exact)
 
 

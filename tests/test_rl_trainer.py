@@ -28,6 +28,9 @@ TINY = [
     # The mechanics tested here do not depend on the default's RL recipe; pin the plain on-policy one so the
     # tests do not change when the tiny default is retuned (tests that need mu > 1 say so).
     "rl.num_iterations=1", "optim.lr=1e-4", "optim.schedule=constant", "objective.psi=1.0",
+    # Rollouts without the mask token: the random tiny model draws it often, which puts gradient entries near
+    # AdamW's eps, where the first update amplifies float rounding beyond the exactness tests' tolerances.
+    "sampling.ban_mask_token=true",
     "objective.clip_mode=sequence", "rl.rollout_prompts_per_step=null",
 ]
 
@@ -85,6 +88,22 @@ def test_all_recipes_present():
     expected = {f"llada_8b_{t}.yaml" for t in ("gsm8k", "math", "sudoku", "countdown", "code")}
     expected |= {f"dream_7b_{t}.yaml" for t in ("sudoku", "countdown")}
     assert expected <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_dream_recipes_sample_top_50_as_the_official_runs(name):
+    """Official Dream rollouts and evaluations run top-50 filtered (transformers 4.x's default top_k reaches
+    diffusion_generate, official_eval.md §5); LLaDA's sampler has no top-k."""
+    cfg = load_config(TrainConfig, REPO / "configs" / name).validate()
+    want = 50 if name.startswith("dream") else None
+    assert cfg.sampling_config().top_k == want and cfg.eval_sampling_config().top_k == want
+
+
+def test_eval_command_gives_dream_models_the_official_top_k():
+    from gdsd_jax.commands.eval import eval_top_k
+
+    assert eval_top_k(None, "dream") == 50 and eval_top_k(None, "llada") is None
+    assert eval_top_k(0, "dream") is None and eval_top_k(20, "dream") == 20 and eval_top_k(20, "llada") == 20
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -232,6 +251,71 @@ def test_gradient_accumulation_is_exact(tmp_path):
     moved = max(np.abs(a - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(results[0][0]),
                                                                  jax.tree.leaves(state["trainable"])))
     assert moved > 1e-6
+
+
+# Each method's advantages as its released code computes them (gdsd_paper.md §2.6 and §3): leave-one-out
+# for GDSD and ESPO (hard-coded), r - mean for SPG and wd1, (r - mean) / (std_ddof1 + 1e-4) for d1 (trl's
+# GRPO default scale_rewards=True).
+OFFICIAL_ADVANTAGES = {"gdsd": ("loo", False), "gdsd_tlc": ("loo", False), "gdsd_logit": ("loo", False),
+                       "espo": ("loo", False), "spg": ("group_mean", False), "d1": ("group_mean", True),
+                       "wd1": ("group_mean", False)}
+
+
+def _numpy_advantages(r: np.ndarray, g: int, method: str, scale_std: bool) -> np.ndarray:
+    r = r.astype(np.float64).reshape(-1, g)
+    base = (r.sum(1, keepdims=True) - r) / (g - 1) if method == "loo" else r.mean(1, keepdims=True)
+    adv = r - base
+    if scale_std:
+        adv = adv / (r.std(1, ddof=1, keepdims=True) + 1e-4)
+    return adv.reshape(-1)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_ADVANTAGES))
+def test_advantages_default_to_the_objectives_own(tmp_path, name):
+    over = ["objective.block_length=4"] if name == "spg" else []
+    cfg = tiny_cfg(tmp_path, f"objective.name={name}", *over)
+    assert cfg.advantage_settings() == OFFICIAL_ADVANTAGES[name]
+    assert "own" in run_describe(cfg) and "set by" not in run_describe(cfg)
+    cfg = tiny_cfg(tmp_path, f"objective.name={name}", "rl.advantage=loo", "rl.scale_std=true", *over)
+    assert cfg.advantage_settings() == ("loo", True)
+    assert "set by rl.advantage=loo, rl.scale_std=True" in run_describe(cfg)
+
+
+def run_describe(cfg) -> str:
+    from gdsd_jax.rl.run import describe_advantages
+    return describe_advantages(cfg)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ((), ("group_mean", True)),                                          # d1's own
+    (("rl.advantage=loo", "rl.scale_std=false"), ("loo", False)),       # an explicit setting wins
+])
+def test_d1_run_trains_with_d1_advantages(tmp_path, monkeypatch, extra, expected):
+    """objective.name=d1 without rl.* settings: the update receives d1's std-scaled group-mean advantages."""
+    from gdsd_jax.rl.task_adapter import CompactAdapter
+
+    _, trainer, task = _trainer(tmp_path, "objective.name=d1", *extra)
+    g = trainer.cfg.rl.num_generations
+    rewards = np.random.default_rng(0).uniform(0, 1, trainer.rows).astype(np.float32)
+    original = CompactAdapter.score
+
+    def fixed(self, ids, mask, examples):              # known rewards with spread in every group
+        s = original(self, ids, mask, examples)
+        s.rewards = rewards.copy()
+        return s
+
+    monkeypatch.setattr(CompactAdapter, "score", fixed)
+    seen = []
+    update = trainer._update
+
+    def spy(state, frozen, batch, masks, old, ref, adv):
+        seen.append(np.asarray(adv))
+        return update(state, frozen, batch, masks, old, ref, adv)
+
+    trainer._update = spy
+    state, frozen = trainer.init_state()
+    trainer.rl_step(state, frozen, list(task.examples("train"))[:trainer.cfg.rl.prompts_per_step])
+    np.testing.assert_allclose(seen[0], _numpy_advantages(rewards, g, *expected), rtol=1e-5, atol=1e-6)
 
 
 def test_optimizer_state_is_sharded_like_the_parameters(tmp_path):

@@ -181,6 +181,48 @@ def test_generate_inside_outer_jit(dream):
     assert cmask.shape == (3, 12)
 
 
+# ---- the mask token as a sampling outcome ------------------------------------------------------------
+
+def _mask_heavy(cfg, params, fn, ids):
+    """``params`` with the mask token's LM-head column set near that of the token most often predicted first,
+    so the mask id wins the arg-max at some positions and takes probability mass everywhere."""
+    x = np.concatenate([ids, np.full((ids.shape[0], 12), cfg.mask_token_id, np.int32)], axis=1)
+    top = np.bincount(fn(x, None)[:, ids.shape[1]:].argmax(-1).ravel(), minlength=cfg.vocab_size).argmax()
+    head = np.array(params["lm_head"])
+    noise = np.random.default_rng(0).standard_normal(head.shape[0]).astype(np.float32)
+    head[:, cfg.mask_token_id] = head[:, top] + 0.05 * noise
+    out = dict(params, lm_head=head)
+    return out, jax_logits_fn(out, cfg)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_mask_token_is_sampled_as_upstream_unless_banned(family, llada, dream):
+    """Default: the mask id is an ordinary outcome (upstream); ``ban_mask_token=True``: its logit is -inf.
+    On a model that puts mass on the mask id the two reveal different positions, each as its reference.
+    LLaDA runs one block (a mask left at a block's end is revealed only within its block here: see
+    docs/sampling.md); Dream runs one prompt (upstream averages the live mask count over the batch)."""
+    cfg, params, fn = llada if family == "llada" else dream
+    ids, _ = _prompts(3 if family == "llada" else 1, 6, None, cfg.pad_token_id, seed=2)
+    params, fn = _mask_heavy(cfg, params, fn, ids)
+    if family == "llada":
+        extra, ref_kw = {}, dict(eos_id=cfg.eos_token_id, block_length=12)
+        reference = llada_reference
+    else:
+        extra = ref_kw = {"alg": "maskgit_plus"}
+        reference = dream_reference
+    runs = {}
+    for ban in (False, True):
+        scfg = SamplingConfig(gen_length=12, steps=6, ban_mask_token=ban, return_unmask_step=True, **extra)
+        seqs, when = _run(params, cfg, ids, None, scfg)
+        ref = reference(fn, ids, None, mask_id=cfg.mask_token_id, gen_length=12, steps=6, ban_mask_token=ban,
+                        **ref_kw)
+        np.testing.assert_array_equal(seqs, ref, err_msg=f"ban_mask_token={ban}")
+        runs[ban] = seqs, when
+    assert not np.any(runs[True][0] == cfg.mask_token_id)
+    assert np.any(runs[False][1] != runs[True][1]), "the same positions were revealed at every step"
+    assert not SamplingConfig().ban_mask_token
+
+
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_filter_matches_sort_reference(top_p):
     """The bisection nucleus filter keeps exactly the tokens of upstream's sort-and-cumsum rule."""

@@ -66,11 +66,10 @@ PROMPT = np.array([[3, 7, 1, 5]], np.int32)
 
 
 def _first_step_logits(cfg, params, gen_length):
-    """float64 [Lg, V] aligned logits of the completion at step 0 (all masked), mask column removed."""
+    """float64 [Lg, V] aligned logits of the completion at step 0 (all masked), the mask column included
+    (upstream samples it like any token)."""
     x = np.concatenate([PROMPT, np.full((1, gen_length), cfg.mask_token_id, np.int32)], axis=1)
-    lg = jax_logits_fn(params, cfg)(x, None)[0, PROMPT.shape[1]:].astype(np.float64)
-    lg[:, cfg.mask_token_id] = -np.inf
-    return lg
+    return jax_logits_fn(params, cfg)(x, None)[0, PROMPT.shape[1]:].astype(np.float64)
 
 
 def _sample(cfg, params, scfg, seed=0):
@@ -139,8 +138,9 @@ def test_dream_origin_transfer_probabilities():
     cfg = _small(tiny_dream)
     params = random_params(cfg, seed=6, std=STD)
     steps, eps, lg_len = 3, 0.3, 8
+    # The mask token banned: every transfer then reveals a token, so unmask_step shows every transfer.
     _, when = _sample(cfg, params, SamplingConfig(gen_length=lg_len, steps=steps, eps=eps, alg="origin",
-                                                  temperature=1.0, return_unmask_step=True))
+                                                  temperature=1.0, return_unmask_step=True, ban_mask_token=True))
     ts = np.linspace(1, eps, steps + 1)
     at_risk = when.size
     for i in range(steps - 1):

@@ -242,14 +242,17 @@ def three_step_run(tmp_path_factory):
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
+    """A copy of the run as if it had stopped before its final evaluation (a resume of a run whose final
+    evaluation is written does nothing)."""
     shutil.copytree(src, dst)
+    (dst / "eval_final_summary.json").unlink()
     return dst
 
 
 @pytest.mark.parametrize("kind", ["overwrite_4k", "delete"])
 def test_resume_from_a_damaged_newest_checkpoint_uses_the_previous_one_bitwise(three_step_run, tmp_path, capsys,
                                                                                 kind):
-    """Step 3 of a finished run is damaged: --resume says so in one line naming steps 3 and 2, replays step 3
+    """Step 3 of a run stopped before its final evaluation is damaged: --resume says so in one line naming steps 3 and 2, replays step 3
     from step 2, and ends with exactly the parameters and metrics of the undamaged run."""
     from gdsd_jax.rl.run import run_train
 

@@ -7,30 +7,16 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-DEFAULT_CONFIG = "configs/sudoku_tiny.yaml"
+from gdsd_jax.config_io import DEFAULT_CONFIG, resolve_config_path
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help=f"run config YAML (default: {DEFAULT_CONFIG}, the embedded tiny Sudoku run)")
+                   help=f"run config YAML, or the path of a shipped one (configs/NAME.yaml) "
+                        f"(default: {DEFAULT_CONFIG}, the embedded tiny Sudoku run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of the config, e.g. rl.total_steps=50 objective.psi=2.0")
     p.add_argument("--output-dir", default=None, help="run directory (overrides output_dir)")
-
-
-def resolve_config_path(path: str | None) -> Path:
-    """The given path, or the default config from the working directory or the source checkout."""
-    if path is not None:
-        return Path(path)
-    here = Path(DEFAULT_CONFIG)
-    if here.is_file():
-        return here
-    repo = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
-    if repo.is_file():
-        return repo
-    from gdsd_jax.config_io import ConfigError
-
-    raise ConfigError(f"default config {DEFAULT_CONFIG} not found; pass --config FILE")
 
 
 def load_train_config(args):

@@ -10,10 +10,10 @@ HELP = "evaluate a checkpoint on a task's test set"
 
 #: Generation settings of the official evaluation (GDSD eval/run_eval.sh and eval/eval.py; docs/tasks.md):
 #: L = 128 by default, steps forced to L // 2, LLaDA blocks of 32, greedy; Dream's diffusion_generate is
-#: called without top_k and inherits transformers' default top_k = 50.
+#: called without top_k and inherits transformers' default top_k = 50 (``DREAM_OFFICIAL_TOP_K``, used for Dream
+#: under either protocol unless ``--top-k`` says otherwise).
 OFFICIAL_GEN_LENGTH = 128
 OFFICIAL_BLOCK_LENGTH = 32
-OFFICIAL_DREAM_TOP_K = 50
 
 
 def add_arguments(p) -> None:
@@ -36,12 +36,12 @@ def add_arguments(p) -> None:
                    help="diffusion steps (default: gen-length // 2 (official protocol), else gen-length)")
     p.add_argument("--block-length", type=int, default=None,
                    help="LLaDA block length (default: 32 (official protocol), else gen-length)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="top-k filter (default: 50 for Dream under the official protocol, which inherits "
-                        "transformers' default top_k; else none)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", default="low_confidence")
     p.add_argument("--alg", default=None, help="Dream unmasking order (default: entropy)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="Dream top-k filtering (default for Dream models: the official evaluations' effective "
+                        "top-k, see docs/sampling.md; 0 disables it)")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
@@ -50,6 +50,15 @@ def add_arguments(p) -> None:
     p.add_argument("task_kwargs", nargs="*", metavar="KEY=VALUE",
                    help="task arguments: test_file=PATH (JSONL or Parquet; gsm8k, math and code have no bundled "
                         "data), train_file=PATH, variant=xml|plain (gsm8k, math), seed=N (sudoku, countdown)")
+
+
+def eval_top_k(requested: int | None, family: str) -> int | None:
+    """``--top-k`` (0: off); unset, Dream models get the official evaluations' effective top-k."""
+    from gdsd_jax.sampling import DREAM_OFFICIAL_TOP_K
+
+    if requested is None:
+        return DREAM_OFFICIAL_TOP_K if family == "dream" else None
+    return requested or None
 
 
 def run(args) -> int:
@@ -92,8 +101,7 @@ def run(args) -> int:
     sampler = {"gen_length": gen_length, "steps": args.steps or (gen_length // 2 if official else gen_length),
                "block_length": args.block_length or (OFFICIAL_BLOCK_LENGTH if official else gen_length),
                "temperature": args.temperature, "remasking": args.remasking,
-               "top_k": args.top_k or (OFFICIAL_DREAM_TOP_K if official and model.config.family == "dream"
-                                       else None)}
+               "top_k": eval_top_k(args.top_k, model.config.family)}
     if args.alg:
         sampler["alg"] = args.alg
     scfg = SamplingConfig(**sampler)

@@ -128,8 +128,7 @@ def run(args) -> int:
     if not _prepare_in_process(args.target, args.devices):
         return _run_child(args)
 
-    from gdsd_jax.commands._common import resolve_config_path
-    from gdsd_jax.config_io import load_config
+    from gdsd_jax.config_io import load_config, resolve_config_path
     from gdsd_jax.rl import plan
     from gdsd_jax.rl.config import TrainConfig
 

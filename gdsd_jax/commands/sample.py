@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=1e-3, help="Dream final timestep")
     p.add_argument("--sampler", default="auto", choices=SAMPLERS, help="algorithm (default: by model family)")
     p.add_argument("--logits-eos-inf", action="store_true", help="LLaDA: never generate EOS")
+    p.add_argument("--ban-mask-token", action="store_true",
+                   help="never sample the mask token (upstream samples it like any token)")
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep tokens after the first EOS in the output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per compiled batch")
@@ -75,7 +77,7 @@ def _sampling_config(args):
         gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
         temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale, alg=args.alg,
         alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, eps=args.eps, sampler=args.sampler,
-        logits_eos_inf=args.logits_eos_inf, stop_at_eos=not args.no_stop_at_eos)
+        logits_eos_inf=args.logits_eos_inf, ban_mask_token=args.ban_mask_token, stop_at_eos=not args.no_stop_at_eos)
 
 
 def parse_ids(text: str) -> list[int]:

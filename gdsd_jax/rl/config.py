@@ -46,8 +46,11 @@ class RLSection:
     micro_batch_size: int = ranged(128, gt=0)  # rows per gradient-accumulation micro-batch (global)
     total_steps: int = ranged(300, gt=0)
     seed: int = ranged(0, ge=0)
-    advantage: Literal["loo", "group_mean"] = "loo"
-    scale_std: bool = False
+    # Group-relative advantages (gdsd_jax/objectives/advantages.py). None (the default) takes the objective's
+    # own choice (Objective.advantage_method / advantage_scale_std: leave-one-out for the GDSD family and
+    # ESPO, group mean for SPG and wd1, std-scaled group mean for d1); a value here overrides it (logged).
+    advantage: Literal["loo", "group_mean"] | None = None
+    scale_std: bool | None = None
     reward_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     reference_refresh_every: int = ranged(0, ge=0)   # 0 = the reference stays the initial model
     max_nonfinite_in_a_row: int = ranged(5, ge=1)
@@ -161,6 +164,15 @@ class TrainConfig:
             return ObjectiveConfig(**self.objective)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"objective: {e}") from None
+
+    def advantage_settings(self) -> tuple[str, bool]:
+        """``(method, scale_std)`` of the run's advantages: ``rl.advantage`` / ``rl.scale_std`` where set,
+        otherwise the objective's own (:class:`gdsd_jax.objectives.registry.Objective`)."""
+        from gdsd_jax.objectives import get_objective
+        objective = get_objective(self.objective_config().name)
+        method = objective.advantage_method if self.rl.advantage is None else self.rl.advantage
+        scale_std = objective.advantage_scale_std if self.rl.scale_std is None else self.rl.scale_std
+        return method, scale_std
 
     @property
     def rollout_prompts(self) -> int:

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from gdsd_jax.config_io import ConfigError, apply_overrides, parse_override, read_yaml, to_dict
+from gdsd_jax.config_io import ConfigError, apply_overrides, parse_override, read_yaml, resolve_config_path, to_dict
 
 TAIL = 10  # steps averaged for "final rollout reward" and the selection tie-break
 
@@ -136,7 +136,7 @@ def parse_experiment(data: dict, source: str = "") -> Experiment:
         if not isinstance(t, dict):
             raise ConfigError(f"tasks.{name}: expected a mapping with 'config' (and 'overrides')")
         _check_keys(t, {"config", "overrides"}, f"tasks.{name}")
-        tasks[name] = TaskSpec(name, str(_req(t, "config", f"tasks.{name}")),
+        tasks[name] = TaskSpec(name, str(resolve_config_path(str(_req(t, "config", f"tasks.{name}")))),
                                _overrides(t.get("overrides"), f"tasks.{name}.overrides"))
     if not tasks:
         raise ConfigError("experiment: 'tasks' is empty")
@@ -201,7 +201,8 @@ def parse_experiment(data: dict, source: str = "") -> Experiment:
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    return parse_experiment(read_yaml(path), str(path))
+    """Read an experiment file (a path, or that of one shipped with the package: see ``resolve_config_path``)."""
+    return parse_experiment(read_yaml(resolve_config_path(path)), str(path))
 
 
 # ---- run specs ----------------------------------------------------------------------------------

@@ -202,6 +202,23 @@ def warm_start(cfg: TrainConfig, mesh, model_cfg, params, *, progress: bool = Tr
 
 # ---- RL -----------------------------------------------------------------------------------------
 
+def _advantage_name(method: str, scale_std: bool) -> str:
+    return f"{method}{', std-scaled' if scale_std else ''}"
+
+
+def describe_advantages(cfg: TrainConfig) -> str:
+    """One log line: the advantages the run trains with, and where an ``rl.*`` setting overrides the
+    objective's own choice."""
+    name = cfg.objective_config().name
+    used = _advantage_name(*cfg.advantage_settings())
+    explicit = [f"rl.{k}={getattr(cfg.rl, k)}" for k in ("advantage", "scale_std") if getattr(cfg.rl, k) is not None]
+    if not explicit:
+        return f"advantages: {used} ({name}'s own)"
+    own_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, advantage=None, scale_std=None))
+    own = _advantage_name(*own_cfg.advantage_settings())
+    return f"advantages: {used} (set by {', '.join(explicit)}; {name}'s own: {own})"
+
+
 @dataclasses.dataclass
 class TrainResult:
     before: EvalResult | None
@@ -265,6 +282,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         model_cfg, params = warm_start(cfg, mesh, model_cfg, params, progress=progress)
     task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg)
     trainer = RLTrainer(cfg, model_cfg, params, mesh, adapter, task, tokenizer=tokenizer)
+    log(describe_advantages(cfg))
     state, frozen = trainer.init_state()
     train = list(task.examples("train"))
     data_it = index_iterator(len(train), cfg.rollout_prompts, cfg.rl.seed)

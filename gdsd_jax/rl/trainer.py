@@ -145,6 +145,7 @@ class RLTrainer:
         self.n_micro = self.rows // rl.micro_batch_size
         self.needs_old = self.objective.needs_old(self.obj_cfg, rl.num_iterations)
         self.needs_ref = self.objective.needs_ref(self.obj_cfg)
+        self.advantage_method, self.advantage_scale_std = cfg.advantage_settings()
         self.parts = ModelParts(model_cfg, cfg.lora.enabled,
                                 lora_lib.lora_scale(cfg.lora.rank, cfg.lora.alpha) if cfg.lora.enabled else 1.0)
         self.tx = make_optimizer(cfg.optim, rl.total_steps, rl.num_iterations)
@@ -307,8 +308,8 @@ class RLTrainer:
             rows = group_rows(keep, g)
             seqs, cmask, trained_rewards = seqs[rows], cmask[rows], scores.rewards[rows]
             pmask = multihost.global_batch(prompt_mask[rows], sharding)
-        adv = np.asarray(compute_advantages(jnp.asarray(trained_rewards), g, method=rl.advantage,
-                                            scale_std=rl.scale_std))
+        adv = np.asarray(compute_advantages(jnp.asarray(trained_rewards), g, method=self.advantage_method,
+                                            scale_std=self.advantage_scale_std))
         timings["time_reward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

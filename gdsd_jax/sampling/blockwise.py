@@ -100,8 +100,9 @@ def decode_blocks(params, model_cfg: DenoiserConfig, x: jax.Array, am: jax.Array
             x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, x0, cur), start, axis=1)
             x = constrain(x, mesh, ("batch", "length"))
             ublk = jax.lax.dynamic_slice_in_dim(unmask, b * blk, blk, axis=1)
-            unmask = jax.lax.dynamic_update_slice_in_dim(unmask, jnp.where(chosen, global_step, ublk), b * blk,
-                                                         axis=1)
+            revealed = chosen & (x0 != mask_id)                                 # a drawn mask id reveals nothing
+            unmask = jax.lax.dynamic_update_slice_in_dim(unmask, jnp.where(revealed, global_step, ublk),
+                                                         b * blk, axis=1)
             return i + 1, x, unmask, nfe + active, ntok + active * processed, cache
 
         _, *carry = jax.lax.while_loop(not_done, step, (jnp.int32(0), *carry))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdsd_jax.sampling.config import SamplingConfig
+
 NEG_INF = -jnp.inf
 #: What upstream writes into filtered logits (``torch.finfo(dtype).min``); finite, so softmax stays defined.
 FILTERED = float(np.finfo(np.float32).min)
@@ -25,8 +27,9 @@ class SampleOutput(NamedTuple):
       sequences: int32 [B, Lp + Lg], the prompt (unchanged, padding included) followed by the completion.
       completion_mask: int32 [B, Lg], 1 up to and including the first EOS (all ones without an EOS, or
         when ``stop_at_eos`` is off).
-      unmask_step: int32 [B, Lg], the 0-based step at which each completion token was revealed, or all -1
-        when ``return_unmask_step`` is off.
+      unmask_step: int32 [B, Lg], the 0-based step at which each completion token was revealed (-1 where
+        the position still holds the mask token, which only a sampled mask id leaves), or all -1 when
+        ``return_unmask_step`` is off.
       nfe: int32 [B], model forwards the row needed (NFE; a guided step counts two). Rows of a batch that
         finish a block early (``threshold``) stop counting while the others go on.
       tokens_processed: int32 [B], positions the row ran through the layers over those forwards (the
@@ -55,6 +58,12 @@ def set_columns(logits: jax.Array, ids, value: float) -> jax.Array:
     for i in ids:
         hit = hit | (vocab == i)
     return jnp.where(hit, jnp.asarray(value, logits.dtype), logits)
+
+
+def ban_mask_token(logits: jax.Array, mask_id: int, cfg: SamplingConfig) -> jax.Array:
+    """``logits [..., V]`` with the mask token's column at -inf when ``cfg.ban_mask_token``, else unchanged
+    (upstream: the mask id is an ordinary outcome of both samplers)."""
+    return set_columns(logits, [mask_id], NEG_INF) if cfg.ban_mask_token else logits
 
 
 def gumbel_argmax(logits: jax.Array, temperature: float, key: jax.Array | None) -> jax.Array:
@@ -125,7 +134,7 @@ def select_above(scores: jax.Array, masked: jax.Array, threshold: float) -> jax.
 
 
 def select_top(scores: jax.Array, k: jax.Array) -> jax.Array:
-    """Boolean [B, P]: the ``k`` highest ``scores`` of every row (``k`` a traced scalar, same for all rows).
+    """Boolean [B, P]: the ``k`` highest ``scores`` of every row (``k`` a traced int scalar, or [B, 1] per row).
 
     Ties are broken toward the lower position (stable sort), deterministically on every backend.
     """

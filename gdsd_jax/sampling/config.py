@@ -8,6 +8,11 @@ import math
 REMASKING: tuple[str, ...] = ("low_confidence", "random")
 ALGORITHMS: tuple[str, ...] = ("origin", "maskgit_plus", "topk_margin", "entropy")
 SAMPLERS: tuple[str, ...] = ("auto", "llada", "dream")
+#: top_k of the official Dream rollouts and evaluations. They call ``diffusion_generate`` without ``top_k``;
+#: under transformers 4.x (the official code's) the generation config it builds from Dream's model config
+#: then carries transformers' legacy default ``top_k = 50``. The Dream recipes set it; ``gdsd-jax eval``
+#: uses it for Dream models.
+DREAM_OFFICIAL_TOP_K = 50
 CACHES: tuple[str, ...] = ("none", "prefix", "dual")
 
 
@@ -24,6 +29,9 @@ class SamplingConfig:
       stop_at_eos: the completion mask covers tokens up to and including the first EOS (as the RL
         trainers do for rewards and lengths); ``False`` gives an all-ones mask.
       return_unmask_step: also return, for every completion token, the step at which it was revealed.
+      ban_mask_token: never sample the mask token (its logit is -inf before sampling and confidence). Off by
+        default, as upstream LLaDA ``generate`` and Dream ``diffusion_generate``: there a sampled mask id
+        leaves its position masked for a later step (and masked at the end if chosen at the last one).
 
     LLaDA settings (``generate.py`` of LLaDA):
       block_length: semi-autoregressive block size; ``None`` means one block of ``gen_length``. Must divide
@@ -84,6 +92,7 @@ class SamplingConfig:
     cache: str = "none"
     cache_refresh_every: int | None = None
     threshold: float | None = None
+    ban_mask_token: bool = False
 
     def __post_init__(self):
         def fail(name: str, expected: str):

@@ -7,8 +7,9 @@ Per step ``i`` with float32 timesteps ``t = ts[i]``, ``s = ts[i + 1]`` of ``lins
 * ``maskgit_plus`` / ``topk_margin`` / ``entropy``: a token and a confidence per masked position
   (probability of the token / top-1 minus top-2 probability / negative entropy), then the ``k_i`` most
   confident positions are revealed (``alg_temp > 0``: ``k_i`` positions drawn without replacement from
-  ``softmax(confidence / alg_temp)``, done here as Gumbel-top-k). ``k_i`` follows
-  :func:`~gdsd_jax.sampling.schedules.dream_transfer_schedule`.
+  ``softmax(confidence / alg_temp)``, done here as Gumbel-top-k). ``k_i = int(n_i * (1 - s/t))`` of the
+  row's ``n_i`` still-masked tokens (all at the last step): :func:`~gdsd_jax.sampling.schedules.
+  dream_transfer_schedule` unless a drawn mask id left a position masked.
 
 Dream's next-token shift is undone inside the model: the aligned logits used here are upstream's shifted
 logits. Attention mask and positions for left-padded prompts are derived by the model from the mask.
@@ -26,10 +27,10 @@ from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.sampling.blockwise import decode_blocks
-from gdsd_jax.sampling.common import (NEG_INF, gumbel_argmax, select_above, select_top, set_columns,
+from gdsd_jax.sampling.common import (NEG_INF, ban_mask_token, gumbel_argmax, select_above, select_top,
                                       top_k_filter, top_p_filter)
 from gdsd_jax.sampling.config import SamplingConfig
-from gdsd_jax.sampling.schedules import dream_origin_probs, dream_transfer_schedule
+from gdsd_jax.sampling.schedules import dream_transfer_fractions
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array | None, *, temperature: float, top_p: float | None,
@@ -78,12 +79,10 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     bsz, lp = prompt_ids.shape
     lg = cfg.gen_length
     mask_id = model_cfg.mask_token_id
-    # The schedule of one block (the whole completion for the exact sampler).
-    blk, steps = (cfg.llada_block_length, cfg.steps_per_block) if cfg.blockwise else (lg, cfg.steps)
-    if cfg.alg == "origin":
-        table = jnp.asarray(dream_origin_probs(steps, cfg.eps))          # float32 [steps]
-    else:
-        table = jnp.asarray(dream_transfer_schedule(blk, steps, cfg.eps))  # int32 [steps]
+    # The schedule of one block (the whole completion for the exact sampler). float32 [steps]: origin's
+    # reveal probability, or the fraction of the block's still-masked tokens revealed at each step.
+    steps = cfg.steps_per_block if cfg.blockwise else cfg.steps
+    table = jnp.asarray(dream_transfer_fractions(steps, cfg.eps))
     greedy_select = cfg.alg_temp is None or cfg.alg_temp == 0
     # With a threshold, positions are revealed by the probability of their sampled token (Fast-dLLM).
     confidence = "prob" if cfg.threshold is not None else _CONFIDENCE[cfg.alg]
@@ -98,8 +97,7 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     def step_fn(logits, cur, masked, i, key):
         """One step on the block: logits [B, P, V] f32 -> (tokens [B, P], positions to reveal [B, P])."""
         k_tok, k_sel = jax.random.split(key)
-        # The mask token is never a sampling outcome (see docs/sampling.md).
-        logits = set_columns(logits, [mask_id], NEG_INF)
+        logits = ban_mask_token(logits, mask_id, cfg)
         conf, x0 = sample_tokens(logits, k_tok, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                  confidence=confidence)
         if cfg.threshold is not None:
@@ -110,7 +108,10 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         if not greedy_select:
             g = jax.random.gumbel(k_sel, masked.shape, jnp.float32)
             scores = jnp.where(masked, scores / jnp.float32(cfg.alg_temp) + g, NEG_INF)
-        return x0, select_top(scores, table[i]) & masked
+        # k from the live mask count, per row (upstream runs at batch size 1): it follows
+        # dream_transfer_schedule unless a mask id was drawn, which leaves its position masked.
+        n_masked = jnp.sum(masked, axis=1, keepdims=True).astype(jnp.float32)
+        return x0, select_top(scores, (n_masked * table[i]).astype(jnp.int32)) & masked
 
     if cfg.blockwise:
         return decode_blocks(params, model_cfg, x, am, lp, key, cfg, step_fn, mesh=mesh, lora=lora,
@@ -126,7 +127,7 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         x0, chosen = step_fn(out, cur, cur == mask_id, step, jax.random.fold_in(key, step))
         x = x.at[:, lp:].set(jnp.where(chosen, x0, cur))
         x = constrain(x, mesh, ("batch", "length"))
-        unmask = jnp.where(chosen, step, unmask)
+        unmask = jnp.where(chosen & (x0 != mask_id), step, unmask)   # a drawn mask id reveals nothing
         return x, unmask
 
     x, unmask = jax.lax.fori_loop(0, steps, body, (x, jnp.full((bsz, lg), -1, jnp.int32)))

@@ -26,8 +26,8 @@ from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.sampling.blockwise import decode_blocks
-from gdsd_jax.sampling.common import (NEG_INF, gumbel_argmax, log_prob_of, select_above, select_top,
-                                      set_columns)
+from gdsd_jax.sampling.common import (NEG_INF, ban_mask_token, gumbel_argmax, log_prob_of, select_above,
+                                      select_top, set_columns)
 from gdsd_jax.sampling.config import SamplingConfig
 from gdsd_jax.sampling.schedules import llada_transfer_schedule
 
@@ -56,15 +56,14 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         am = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((bsz, lg), jnp.int32)], axis=1)
         am = constrain(am, mesh, ("batch", "length"))
 
-    # Vocabulary columns that may never be sampled: the mask token itself (a denoiser's output is a clean
-    # token; upstream could in principle emit the mask id and leave the position masked), and EOS when asked.
-    banned = [mask_id] + ([model_cfg.eos_token_id] if cfg.logits_eos_inf else [])
     no_conf = [model_cfg.eos_token_id] + ([cfg.eot_token_id] if cfg.eot_token_id is not None else [])
 
     def step_fn(logits, cur, masked, i, key):
         """One step on the block: logits [B, blk, V] f32 -> (tokens [B, blk], positions to reveal [B, blk])."""
         k_tok, k_conf = jax.random.split(key)
-        logits = set_columns(logits, banned, NEG_INF)
+        logits = ban_mask_token(logits, mask_id, cfg)
+        if cfg.logits_eos_inf:
+            logits = set_columns(logits, [model_cfg.eos_token_id], NEG_INF)
         x0 = gumbel_argmax(logits, cfg.temperature, k_tok)               # [B, blk]
         if cfg.remasking == "low_confidence":
             conf_logits = set_columns(logits, no_conf, NEG_INF) if cfg.confidence_eos_eot_inf else logits
@@ -102,8 +101,9 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         x0, chosen = step_fn(block_logits(x, start), cur, cur == mask_id, i, jax.random.fold_in(key, step))
         x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, x0, cur), start, axis=1)
         x = constrain(x, mesh, ("batch", "length"))
+        revealed = chosen & (x0 != mask_id)                               # a drawn mask id reveals nothing
         ublk = jax.lax.dynamic_slice_in_dim(unmask, b * blk, blk, axis=1)
-        unmask = jax.lax.dynamic_update_slice_in_dim(unmask, jnp.where(chosen, step, ublk), b * blk, axis=1)
+        unmask = jax.lax.dynamic_update_slice_in_dim(unmask, jnp.where(revealed, step, ublk), b * blk, axis=1)
         return x, unmask
 
     x, unmask = jax.lax.fori_loop(0, cfg.steps, body, (x, jnp.full((bsz, lg), -1, jnp.int32)))

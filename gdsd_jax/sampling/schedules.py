@@ -46,24 +46,27 @@ def dream_timesteps(steps: int, eps: float) -> np.ndarray:
     return np.linspace(1.0, eps, steps + 1, dtype=np.float32)
 
 
+def dream_transfer_fractions(steps: int, eps: float) -> np.ndarray:
+    """float32 ``[steps]``: the fraction ``1 - s_i / t_i`` of the still-masked tokens that Dream's
+    confidence-based algorithms reveal at step ``i`` (float32 arithmetic as upstream), and exactly 1 at the
+    last step (which reveals everything left). Step ``i`` reveals ``int(float32(n_i) * fraction_i)``."""
+    ts = dream_timesteps(steps, eps)
+    frac = (np.float32(1.0) - (ts[1:] / ts[:-1]).astype(np.float32)).astype(np.float32)
+    frac[-1] = np.float32(1.0)
+    return frac
+
+
 def dream_transfer_schedule(gen_length: int, steps: int, eps: float) -> np.ndarray:
     """Tokens revealed per step by Dream's confidence-based algorithms (``maskgit_plus``, ``topk_margin``,
-    ``entropy``) for a completion of ``gen_length`` masked tokens.
+    ``entropy``) for a completion of ``gen_length`` masked tokens, when every revealed position receives a
+    token (no mask id is drawn: then every row follows this schedule).
 
-    Returns int32 ``[steps]`` summing to ``gen_length``. Every row of a batch reveals the same number per
-    step, so upstream's batch-averaged mask count equals the per-row count and the schedule is static.
+    Returns int32 ``[steps]`` summing to ``gen_length``.
     """
-    ts = dream_timesteps(steps, eps)
-    one = np.float32(1.0)
     n = int(gen_length)
     out = np.zeros((steps,), dtype=np.int32)
-    for i in range(steps):
-        if i < steps - 1:
-            t, s = ts[i], ts[i + 1]
-            frac = np.float32(one - np.float32(s / t))
-            k = int(np.float32(np.float32(n) * frac))          # int() truncates toward zero, as upstream
-        else:
-            k = n
+    for i, frac in enumerate(dream_transfer_fractions(steps, eps)):
+        k = int(np.float32(np.float32(n) * frac))              # int() truncates toward zero, as upstream
         out[i] = k
         n -= k
     return out
@@ -71,8 +74,5 @@ def dream_transfer_schedule(gen_length: int, steps: int, eps: float) -> np.ndarr
 
 def dream_origin_probs(steps: int, eps: float) -> np.ndarray:
     """float32 ``[steps]``: probability that a still-masked token is revealed at each step of Dream's
-    ``origin`` algorithm, ``1 - s_i / t_i`` (float32), and exactly 1 at the last step."""
-    ts = dream_timesteps(steps, eps)
-    p = (np.float32(1.0) - (ts[1:] / ts[:-1]).astype(np.float32)).astype(np.float32)
-    p[-1] = np.float32(1.0)
-    return p
+    ``origin`` algorithm: the same ``1 - s_i / t_i`` as :func:`dream_transfer_fractions` (1 at the last step)."""
+    return dream_transfer_fractions(steps, eps)
