@@ -9,7 +9,8 @@ HELP = "evaluate a checkpoint on a task's test set"
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="params checkpoint (ours), an HF directory, or a run directory (its latest state)")
+                   help="params checkpoint (ours), an HF directory, or a run directory (its trained policy)")
+    p.add_argument("--step", type=int, default=None, help="with a run directory: the saved step (default: the latest)")
     p.add_argument("--task", required=True, help="task name (sudoku, countdown, gsm8k, math, code)")
     p.add_argument("--split", default="test")
     p.add_argument("--format", default=None, choices=["compact", "chat"],
@@ -42,7 +43,7 @@ def run(args) -> int:
     from gdsd_jax.tasks.base import get_task
 
     mesh = make_mesh(**parse_mesh_spec(args.mesh))
-    model = load_denoiser(args.checkpoint, mesh=mesh)
+    model = load_denoiser(args.checkpoint, mesh=mesh, step=args.step)
     kwargs = {}
     for item in args.task_kwargs:
         path, value = parse_override(item)
@@ -51,8 +52,9 @@ def run(args) -> int:
     fmt = args.format or ("compact" if getattr(task, "supports_compact", False) and args.tokenizer is None else "chat")
     tokenizer = None
     if fmt == "chat":
+        from gdsd_jax.checkpoint.policy import tokenizer_source
         from gdsd_jax.data.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_source(args.checkpoint))
     prompt_length = args.prompt_length or (17 if fmt == "compact" else 256)
     adapter = make_adapter(task, fmt, prompt_length, model.config, tokenizer,
                            **({} if fmt == "compact" else {"split": args.split}))
