@@ -160,7 +160,7 @@ def test_llada_hf_dir_loads_directly(llada):
 @pytest.mark.parametrize("how", ["load_denoiser", "sample --dtype"])
 def test_asking_for_fp32_gives_fp32_compute(llada, how):
     """``dtype=float32`` alone (no compute_dtype) matches PyTorch fp32: parameters *and* arithmetic are fp32
-    (the converted default computes in bf16, ~0.3 off on these logits)."""
+    (bf16 compute, the converted default, is 0.04 off on these logits; fp32 1.8e-6)."""
     from gdsd_jax.commands.sample import load_model
     from gdsd_jax.models.denoiser import logits
 
