@@ -1,7 +1,7 @@
 """gdsd-jax: GDSD (Guided Denoiser Self-Distillation) RL post-training of masked diffusion LMs in JAX.
 
 ``gdsd_jax.load_denoiser(path, mesh=None, dtype=None)`` loads a LLaDA / Dream denoiser from a Hugging Face
-directory or a gdsd-jax checkpoint. Submodules are imported on first use, so ``import gdsd_jax`` is cheap.
+directory, a gdsd-jax checkpoint or the trained policy of a ``gdsd-jax train`` run directory. Submodules are imported on first use, so ``import gdsd_jax`` is cheap.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate a checkpoint on a task's test set",
     "sample": "generate completions with the LLaDA / Dream diffusion samplers",
     "convert": "Hugging Face safetensors -> gdsd-jax (Orbax) checkpoint",
-    "export": "gdsd-jax checkpoint -> Hugging Face safetensors + config.json",
+    "export": "gdsd-jax checkpoint or a run's policy -> Hugging Face safetensors + config.json (or params)",
     "plot": "PNG curves of a run directory",
     "experiment": "multi-run experiment: lr selection, seeds, studies, aggregated results and curves",
     "plan": "per-device memory plan of a recipe on an abstract mesh",

@@ -29,11 +29,12 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -237,10 +238,11 @@ class ParamsWriter:
     """
 
     def __init__(self, path: str | os.PathLike, cfg: DenoiserConfig, *, hf_config: Mapping | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, source: Mapping | None = None):
         from gdsd_jax.models.denoiser import param_shapes
 
         self.cfg = cfg
+        self.source = dict(source) if source is not None else None
         self.remote = _is_remote(path)
         self.final = storage_path(path) if self.remote else Path(path).absolute()
         if self.final.exists() and not overwrite:
@@ -300,6 +302,8 @@ class ParamsWriter:
                 (self.tmp / HF_CONFIG_FILE).write_text(json.dumps(self.hf_config, indent=2) + "\n")
             meta = {"format": FORMAT, "version": VERSION, "config": self.cfg.to_dict(),
                     "leaves": {"/".join(p): v for p, v in sorted(self.written.items())}}
+            if self.source is not None:
+                meta["source"] = self.source
             (self.tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             if not self.remote:
                 old = None
@@ -332,11 +336,31 @@ class ParamsWriter:
 
 
 def save_params(path: str | os.PathLike, params: Mapping, cfg: DenoiserConfig, *,
-                hf_config: Mapping | None = None, overwrite: bool = True) -> Path:
-    """Save a params tree (NumPy or ``jax.Array`` leaves, any sharding) with its config. Returns the path."""
-    with ParamsWriter(path, cfg, hf_config=hf_config, overwrite=overwrite) as w:
+                hf_config: Mapping | None = None, overwrite: bool = True, source: Mapping | None = None,
+                side_files: Sequence[str | os.PathLike] = (), dtype=None) -> Path:
+    """Save a params tree (NumPy or ``jax.Array`` leaves, any sharding) with its config. Returns the path.
+
+    Args:
+      hf_config: the upstream ``config.json`` the weights descend from (kept for export).
+      source: provenance recorded under ``"source"`` in ``gdsd_checkpoint.json`` (e.g. run directory, step).
+      side_files: small upstream files (tokenizer, remote code) copied into ``hf_files/`` before the commit.
+      dtype: cast floating-point leaves to this dtype while writing (``cfg.param_dtype`` is set to it).
+    """
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype_name(dtype))
+    target = np.dtype(dtype_from_name(cfg.param_dtype))
+    with ParamsWriter(path, cfg, hf_config=hf_config, overwrite=overwrite, source=source) as w:
         for leaf_path, arr in _leaves(params):
+            if jnp.issubdtype(arr.dtype, jnp.floating) and arr.dtype != target:
+                arr = arr.astype(target)
             w.write(leaf_path, arr)
+            del arr
+        if side_files and jax.process_index() == 0:
+            side = epath.Path(w.directory) / HF_FILES_DIR
+            side.mkdir(parents=True, exist_ok=True)
+            for f in side_files:
+                f = storage_path(f)
+                f.copy(side / f.name, overwrite=True)
     return w.final
 
 

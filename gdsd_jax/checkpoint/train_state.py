@@ -230,6 +230,20 @@ class RunCheckpointer:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
         return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
+    def restore_trainable(self, step: int, shardings: Any = None) -> Any:
+        """``state["trainable"]`` of ``step`` alone (the optimizer state is not read), on ``shardings`` (a tree
+        like it) or, when None, this process's first device. Used to take the policy out of a run."""
+        stored = self._mngr.item_metadata(step)["state"]["trainable"]
+        if shardings is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: dev, stored)
+        target = {"trainable": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                                            stored, shardings)}
+        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(self.directory / str(step) / "state", args=args)["trainable"]
+
     def read_meta(self, step: int | None = None) -> dict:
         """The ``meta`` item of ``step`` (default: the latest), checked against its save-time digest."""
         step = self.latest_step() if step is None else step

@@ -18,7 +18,8 @@ OFFICIAL_BLOCK_LENGTH = 32
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="params checkpoint (ours), an HF directory, or a run directory (its latest state)")
+                   help="params checkpoint (ours), an HF directory, or a run directory (its trained policy)")
+    p.add_argument("--step", type=int, default=None, help="with a run directory: the saved step (default: the latest)")
     p.add_argument("--task", required=True, help="task name (sudoku, countdown, gsm8k, math, code)")
     p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                    help="evaluation protocol (docs/tasks.md): 'official' = the official GDSD test files, prompts, "
@@ -74,7 +75,7 @@ def run(args) -> int:
     from gdsd_jax.tasks.base import get_task, task_class
 
     mesh = make_mesh(**parse_mesh_spec(args.mesh))
-    model = load_denoiser(args.checkpoint, mesh=mesh)
+    model = load_denoiser(args.checkpoint, mesh=mesh, step=args.step)
     kwargs = {}
     for item in args.task_kwargs:
         path, value = parse_override(item)
@@ -91,8 +92,9 @@ def run(args) -> int:
     examples = list(task.examples(args.split))[: args.max_examples]
     tokenizer = None
     if fmt == "chat":
+        from gdsd_jax.checkpoint.policy import tokenizer_source
         from gdsd_jax.data.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_source(args.checkpoint))
     prompt_length = args.prompt_length or (17 if fmt == "compact" else max(
         (len(prompt_token_ids(task, ex, tokenizer, split=args.split)) for ex in examples), default=1))
     adapter = make_adapter(task, fmt, prompt_length, model.config, tokenizer,

@@ -32,7 +32,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from gdsd_jax.sampling.config import ALGORITHMS, REMASKING, SAMPLERS
 
-    p.add_argument("--checkpoint", required=True, help="params checkpoint (ours) or a Hugging Face model directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="params checkpoint (ours), a Hugging Face model directory, or a run directory (its policy)")
+    p.add_argument("--step", type=int, default=None, help="with a run directory: the saved step (default: the latest)")
     p.add_argument("--tokenizer", default=None,
                    help="local tokenizer directory (default: the checkpoint directory or its hf_files/ if they "
                         "hold tokenizer files)")
@@ -64,9 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per compiled batch")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4,tensor=1 (default: one device)")
-    p.add_argument("--dtype", default=None, help="parameter dtype override (float32 / bfloat16)")
+    p.add_argument("--dtype", default=None,
+                   help="parameter and compute dtype (float32 / bfloat16; default: the checkpoint's)")
     p.add_argument("--compute-dtype", default=None,
-                   help="activation dtype override (default: the checkpoint's; float32 is faster on CPU)")
+                   help="activation dtype, overriding what --dtype implies (float32 is faster on CPU)")
     p.add_argument("--output", default=None, metavar="F.jsonl", help="write one JSON object per prompt")
 
 
@@ -125,18 +128,20 @@ def read_prompts(args) -> list[dict]:
 def _find_tokenizer_dir(args) -> Path | None:
     if args.tokenizer:
         return Path(args.tokenizer)
-    ckpt = Path(args.checkpoint)
+    from gdsd_jax.checkpoint.policy import tokenizer_source
+
+    ckpt = Path(tokenizer_source(args.checkpoint))
     for d in (ckpt, ckpt / "hf_files"):
         if d.is_dir() and any((d / f).is_file() for f in _TOKENIZER_FILES):
             return d
     return None
 
 
-def load_model(path: str, mesh, dtype, compute_dtype):
-    """``(params, DenoiserConfig)`` from our params checkpoint or a Hugging Face directory."""
+def load_model(path: str, mesh, dtype, compute_dtype, step: int | None = None):
+    """``(params, DenoiserConfig)`` from our params checkpoint, a Hugging Face directory or a run directory."""
     from gdsd_jax.models.loading import load_denoiser
 
-    model = load_denoiser(path, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype, progress=True)
+    model = load_denoiser(path, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype, step=step, progress=True)
     return model.params(), model.config
 
 
@@ -196,7 +201,7 @@ def _run(args) -> int:
     from gdsd_jax.sampling import check_inputs, generate
 
     mesh = make_mesh(**parse_mesh_spec(args.mesh)) if args.mesh else None
-    params, model_cfg = load_model(args.checkpoint, mesh, args.dtype, args.compute_dtype)
+    params, model_cfg = load_model(args.checkpoint, mesh, args.dtype, args.compute_dtype, args.step)
     tok_dir = _find_tokenizer_dir(args)
     tokenizer = None
     if tok_dir is not None:

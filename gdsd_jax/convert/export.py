@@ -101,6 +101,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
     hf_config = read_hf_config(ckpt)
     out_name = _export_dtype(dtype, cfg, hf_config)
     out_dt = _EXPORT_DTYPES[out_name]
+    hf_out = config_to_hf(cfg, hf_config, torch_dtype=out_name)   # before any write: fails if not expressible
     max_bytes = parse_size(max_shard_size)
 
     specs = [s for _, _, group in specs_by_leaf(cfg) for s in group]
@@ -149,7 +150,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
             for f in sorted(side.iterdir()):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
-        hf_out = config_to_hf(cfg, hf_config, torch_dtype=out_name)
         (tmp / "config.json").write_text(json.dumps(hf_out, indent=2) + "\n")
         old = None
         if final.exists():

@@ -213,12 +213,17 @@ def _check_replaceable(out: Path) -> None:
                           f"replaces only a checkpoint: remove it yourself or choose another output")
 
 
+def side_files(src_dir: str | os.PathLike) -> list[Path]:
+    """The small upstream files of a model directory kept next to converted weights: tokenizer, remote
+    code, generation config (not ``config.json``, the weights, their index or anything large)."""
+    return [f for f in sorted(Path(src_dir).iterdir())
+            if f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", INDEX_FILE)
+            and not f.name.endswith(_WEIGHT_SUFFIXES) and f.stat().st_size <= MAX_SIDE_FILE_BYTES]
+
+
 def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
     copied = []
-    for f in sorted(src_dir.iterdir()):
-        if (not f.is_file() or f.name.startswith(".") or f.name in ("config.json", INDEX_FILE)
-                or f.name.endswith(_WEIGHT_SUFFIXES) or f.stat().st_size > MAX_SIDE_FILE_BYTES):
-            continue
+    for f in side_files(src_dir):
         dst_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dst_dir / f.name)
         copied.append(f.name)
@@ -248,15 +253,16 @@ def convert_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, fam
       hf_dir: directory with ``config.json`` and safetensors weights.
       out: output directory; written under a hidden temporary name and renamed when complete.
       family: ``"llada"`` / ``"dream"``; inferred from ``model_type`` when None.
-      dtype: parameter dtype of the checkpoint (``"bf16"`` / ``"fp32"``...); default: keep bf16 weights in
-        bf16, anything else in fp32.
+      dtype: parameter dtype of the checkpoint (``"bf16"`` / ``"fp32"``...), also recorded as its compute
+        dtype (asking for fp32 weights means fp32 arithmetic too); default: keep bf16 weights in bf16,
+        anything else in fp32, with bf16 compute.
       overwrite: replace an existing ``out`` (only after the new checkpoint is complete); only a params
         checkpoint or an empty directory is replaced.
     Returns:
       The output path.
     """
     ck = HFCheckpoint(hf_dir, family)
-    cfg = ck.config(dtype_name(dtype) if dtype is not None else None)
+    cfg = ck.config(dtype_name(dtype), compute_dtype=dtype_name(dtype)) if dtype is not None else ck.config()
     ck.validate(cfg)
     if overwrite:
         _check_replaceable(Path(out))

@@ -187,8 +187,13 @@ def config_to_hf(cfg: DenoiserConfig, original: Mapping[str, Any] | None = None,
 
     With ``original`` (the ``config.json`` the checkpoint was converted from) every field it had is kept
     and only the architecture fields are rewritten from ``cfg``; otherwise the full upstream field set
-    (values of the released LLaDA-8B / Dream-v0-7B configs) is synthesised.
+    (values of the released LLaDA-8B / Dream-v0-7B configs) is synthesised. A model the upstream layout
+    cannot hold raises ``ValueError`` saying why (one line).
     """
+    if cfg.learned_positions:
+        raise ValueError(f"this {cfg.family} model has learned absolute position embeddings "
+                         f"(learned_positions=true), which the upstream LLaDA / Dream layout has no tensor for "
+                         f"(it uses RoPE only); keep it as a gdsd-jax params checkpoint (export --format params)")
     if cfg.family == "llada":
         if cfg.hidden_size != cfg.num_heads * cfg.head_dim:
             raise ValueError(f"LLaDA requires head_dim = d_model / n_heads; got hidden_size={cfg.hidden_size}, "

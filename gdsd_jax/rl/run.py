@@ -19,7 +19,8 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from gdsd_jax.allocator import active_allocator
-from gdsd_jax.checkpoint.params_io import storage_path
+from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params, storage_path
+from gdsd_jax.checkpoint.policy import BASE_DIR, POLICY_DIR, write_policy
 from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.config_io import ConfigError, to_dict
 from gdsd_jax.distributed import multihost
@@ -184,7 +185,7 @@ def _warm_start_key(cfg: TrainConfig, model_cfg: DenoiserConfig) -> str:
 def warm_start(cfg: TrainConfig, mesh, model_cfg, params, *, progress: bool = True):
     """SFT warm start, cached on disk by a hash of everything that determines it; ``progress`` shows the
     SFT progress bar."""
-    from gdsd_jax.checkpoint.params_io import restore_params, save_params
+    from gdsd_jax.checkpoint.params_io import restore_params
 
     cache = Path(cfg.warm_start.cache_dir) / f"{cfg.task.name}-{_warm_start_key(cfg, model_cfg)}"
     if (cache / "params").exists():
@@ -280,6 +281,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     model_cfg, params = build_model(cfg, mesh)
     if cfg.warm_start.mode == "sft" and not cfg.model.checkpoint:
         model_cfg, params = warm_start(cfg, mesh, model_cfg, params, progress=progress)
+    if cfg.lora.enabled and not cfg.model.checkpoint and not is_params_checkpoint(out / BASE_DIR):
+        # The adapters of a saved step need their base to become a model again (export, eval).
+        save_params(out / BASE_DIR, params, model_cfg)
     task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg)
     trainer = RLTrainer(cfg, model_cfg, params, mesh, adapter, task, tokenizer=tokenizer)
     log(describe_advantages(cfg))
@@ -358,6 +362,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 break
         bar.close()
     if int(state["step"]) == total:
+        policy = write_policy(out / POLICY_DIR, merged_policy_params(trainer.parts, state["trainable"], frozen),
+                              model_cfg, upstream=cfg.model.checkpoint, source={"run": str(out), "step": total})
+        log(f"policy (step {total}) written to {policy}")
         after = run_eval(state)
         logger.log(total, {"test_reward": after.mean_reward, "test_accuracy": after.accuracy})
         if jax.process_index() == 0:
