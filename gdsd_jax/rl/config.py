@@ -87,7 +87,10 @@ class CheckpointSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSection:
     every: int = 0                      # 0 = only before and after training
-    split: str = "test"
+    split: str = "test"                 # "validation" where the task ships one (hyper-parameter selection)
+    # Evaluate the starting weights at step 0. An experiment whose runs share one warm start measures it once
+    # and turns this off in every run.
+    initial: bool = True
     max_examples: int | None = None
     batch_size: int = 96
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)   # overrides of the train sampling
