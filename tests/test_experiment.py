@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +21,8 @@ COUNTDOWN = str(REPO / "configs/countdown_tiny.yaml")
 def _exp_dict(**over) -> dict:
     d = {
         "name": "t",
-        "tasks": {"sudoku": {"config": SUDOKU}, "countdown": {"config": COUNTDOWN}},
+        "tasks": {"sudoku": {"config": SUDOKU, "overrides": ["task.kwargs.hold_out_validation=true"]},
+                  "countdown": {"config": COUNTDOWN}},
         "common_overrides": ["optim.schedule=constant"],     # as the real grid: short runs, no warm-up
         "methods": {
             "gdsd": {"objective": {"name": "gdsd"}, "overrides": ["rl.advantage=loo"],
@@ -89,16 +91,15 @@ def test_expansion_counts_and_resolved_configs(tmp_path):
 
 
 def test_only_filter_and_dedupe_of_shared_runs(tmp_path):
-    # Selection at the main budget: the seed-0 main run is the selection run, and runs once.
-    d = _exp_dict(selection={"seed": 0})
-    exp = ex.parse_experiment(d)
+    exp = ex.parse_experiment(_exp_dict())
     sel = ex.selection_runs(exp, only=["sudoku/gdsd"])
     assert {s.group for s in sel} == {"sudoku/gdsd"} and len(sel) == 6
     chosen = {("sudoku", "gdsd"): sel[4].point_dict}
-    both = ex.dedupe([*sel, *ex.main_runs(exp, chosen, only=["sudoku/gdsd"])], tmp_path)
-    assert len(both) == 6 + 2
-    shared = [s for s in both if len(s.phases) == 2]
-    assert len(shared) == 1 and shared[0].seed == 0 and shared[0].point == sel[4].point
+    # A run planned twice (here: the main runs) runs once, its phases merged.
+    main = ex.main_runs(exp, chosen, only=["sudoku/gdsd"])
+    both = ex.dedupe([*sel, *main, *[dataclasses.replace(m, phases=("again",)) for m in main]], tmp_path)
+    assert len(both) == 6 + 3
+    assert [s.phases for s in both[6:]] == [("main", "again")] * 3
     assert len(ex.selection_runs(exp, only=["*/d1"])) == 6
     assert len(ex.selection_runs(exp, only=["countdown"])) == 9
     # Selecting a study also selects its method's learning-rate runs (the study needs the chosen point).
@@ -187,15 +188,35 @@ def test_aggregate_curves_and_seed_stats_against_numpy():
     np.testing.assert_allclose(sd, std_ref, rtol=1e-12)
     mean, std, k = ex.seed_stats([0.2, 0.5, None, 0.8])
     assert k == 3 and mean == pytest.approx(0.5) and std == pytest.approx(0.3)
-    assert ex.seed_stats([0.4]) == (0.4, 0.0, 1)
-    assert ex.seed_stats([])[2] == 0
+
+
+
+def test_selection_runs_evaluate_on_validation_and_the_reported_runs_on_test(tmp_path):
+    """Hyper-parameters are chosen on the validation split; the chosen points are reported on the test split;
+    no run repeats the shared warm start's step-0 evaluation."""
+    exp = ex.parse_experiment(_exp_dict())
+    sel = ex.selection_runs(exp)
+    chosen = {(t, m): ex.grid_points(exp.methods[m].grid)[0] for t in exp.tasks for m in exp.methods}
+    later = [*ex.main_runs(exp, chosen), *ex.study_runs(exp, chosen)]
+    for spec in (sel[0], sel[-1], later[0], later[-1]):
+        cfg = _resolve(spec, tmp_path)
+        assert cfg.eval.split == ("validation" if spec in sel else "test")
+        assert cfg.eval.initial is False
+    # A selection run at the main budget is not a main run: the two evaluate different splits.
+    d = _exp_dict(selection={"seed": 0})
+    exp = ex.parse_experiment(d)
+    sel = ex.selection_runs(exp, only=["sudoku/gdsd"])
+    main = ex.main_runs(exp, {("sudoku", "gdsd"): sel[0].point_dict}, only=["sudoku/gdsd"])
+    assert not {s.run_dir(tmp_path) for s in sel} & {s.run_dir(tmp_path) for s in main}
 
 
 def test_final_tail_and_smooth():
     recs = [{"step": 0, "test_reward": 0.1}, {"step": 20, "test_reward": 0.4}, {"step": 10, "test_reward": 0.3}]
     recs += [{"step": i, "reward_mean": float(i)} for i in range(1, 21)]
     assert ex.final_test_reward(recs, 20) == 0.4 and ex.final_test_reward(recs, 30) is None
-    assert ex.initial_test_reward(recs) == 0.1
+    # The shared warm start's reward becomes step 0 of runs that skipped their own evaluation, once.
+    assert ex.with_initial(recs[1:], 0.2)[0] == {"step": 0, "test_reward": 0.2}
+    assert ex.with_initial(recs, 0.2) == recs and ex.with_initial(recs[1:], None) == recs[1:]
     assert ex.tail_reward(recs, 10) == pytest.approx(np.mean(np.arange(11, 21)))
     v = np.array([1.0, 3.0, 5.0, 7.0])
     np.testing.assert_allclose(ex.smooth(v, 2), [1.0, 2.0, 4.0, 6.0])
@@ -211,8 +232,11 @@ def test_write_results_tables_and_pngs(tmp_path):
     for s in ex.main_runs(exp, chosen):
         f = finals[s.method][s.seed]
         peak = 0.9 if s.method == "espo" else f
-        _write_run(s.run_dir(tmp_path), {0: 0.5, 10: peak, 20: f, 30: f}, [0.4 + 0.01 * i for i in range(30)],
+        _write_run(s.run_dir(tmp_path), {10: peak, 20: f, 30: f}, [0.4 + 0.01 * i for i in range(30)],
                    wall=10.0 + s.seed)
+    ex.warm_start_eval_path(tmp_path, "sudoku").parent.mkdir(parents=True)
+    ex.warm_start_eval_path(tmp_path, "sudoku").write_text(json.dumps(
+        {"validation": {"reward": 0.45, "solved": 0.1}, "test": {"reward": 0.5, "solved": 0.1}}))
     path = ex.write_results(exp, tmp_path, chosen, {("sudoku", "gdsd"): [
         {"point": chosen[("sudoku", "gdsd")], "final_test_reward": 0.6, "tail_reward": 0.5, "chosen": True}]})
     text = path.read_text()
@@ -220,10 +244,16 @@ def test_write_results_tables_and_pngs(tmp_path):
     final = text.split("## Final greedy test reward")[1].splitlines()
     gdsd_row = next(line for line in final if line.startswith("| gdsd |"))
     assert "0.700 ± 0.100 (n=3)" in gdsd_row                     # mean ± sample std of 0.6, 0.7, 0.8
+    assert "[0.452, 0.948]" in gdsd_row                          # 0.7 -+ t(0.975, 2) 4.3027 * 0.1 / sqrt(3)
     assert "11 ± 1 (n=3)" in gdsd_row                            # wall times 10, 11, 12
+    assert "greedy test reward 0.500" in text                    # the warm start, measured once
     espo_row = next(line for line in final if line.startswith("| espo |"))
     assert f"{np.mean([0.5, 0.5, 0.2]):.3f} ± {np.std([0.5, 0.5, 0.2], ddof=1):.3f}" in espo_row
+    # gdsd - espo per seed: 0.1, 0.2, 0.6. Of the 27 equally likely resamples only (0.1, 0.1, 0.1) has mean
+    # 0.1 (probability 1/27 > 2.5%) and only (0.6, 0.6, 0.6) mean 0.6: the 95% interval is [0.1, 0.6].
+    assert "+0.300 [+0.100, +0.600] (n=3)" in espo_row
     assert "ESPO drifts after its peak** — held" in text         # mean curve 0.9 -> 0.4
+    assert "## Hyper-parameter selection (validation split)" in text
     assert "gdsd stable** — held" in text
 
 
@@ -260,7 +290,7 @@ def test_micro_experiment_end_to_end(tmp_path, capsys):
 
     tiny = [
         "model.overrides={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 2, mlp_dim: 64}",
-        "warm_start.mode=none", "eval.max_examples=8", "eval.batch_size=8",
+        "warm_start.mode=none", "eval.max_examples=8", "eval.batch_size=8", "task.kwargs.hold_out_validation=true",
         "sampling.steps=4", "eval.sampling={temperature: 0.0, steps: 4}",
     ]
     spec = {
@@ -278,16 +308,18 @@ def test_micro_experiment_end_to_end(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(spec))
     assert main(["experiment", str(cfg), "--dry-run"]) == 0
     dry = capsys.readouterr().out
-    assert "2 runs" in dry and "estimated runtime" in dry and "~8s" in dry      # 5 + 2*0.5 + 2*1
+    assert "3 runs (2 selection)" in dry and "estimated runtime" in dry
+    assert "~7s" in dry                         # 5 + 2 * 0.5 + 1 * 1 (the final evaluation only)
     assert not (tmp_path / "out" / "runs").exists()
 
     assert main(["experiment", str(cfg), "--no-progress"]) == 0
     out = tmp_path / "out"
     done = sorted(out.glob("runs/sudoku/gdsd/*/done.json"))
-    assert len(done) == 2                       # selection = main at this budget: the seed-0 run is shared
+    assert len(done) == 3                       # 2 selection runs (validation) + the chosen point's (test)
     for p in done:
         recs = ex.read_records(p.parent)
         assert [r["step"] for r in recs if "reward_mean" in r] == [1, 2]
+        assert [r["step"] for r in recs if "test_reward" in r] == [2]       # no step-0 evaluation
         assert ex.final_test_reward(recs, 2) is not None
         assert not (p.parent / "checkpoints").exists()
         # Both runs start from the one shared initial checkpoint.
@@ -300,4 +332,6 @@ def test_micro_experiment_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     # Re-running finds everything finished and only re-aggregates.
     assert main(["experiment", str(cfg), "--no-progress"]) == 0
-    assert "2 of 2 runs already finished" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "2 of 2 runs already finished" in again and "1 of 1 runs already finished" in again
+    assert set(json.loads(ex.warm_start_eval_path(out, "sudoku").read_text())) == {"validation", "test"}

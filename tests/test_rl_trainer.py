@@ -458,6 +458,22 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path):
     assert _metrics(straight / "metrics.jsonl") == _metrics(killed / "metrics.jsonl")
 
 
+
+def test_without_the_initial_evaluation_no_step_0_record_even_after_a_resume(tmp_path, capsys):
+    """``eval.initial=false`` (experiments measure their shared warm start once): the run evaluates only at
+    the end, on the split it names, and a resumed run does not add the step-0 evaluation either."""
+    from gdsd_jax.rl.run import run_train
+
+    cfg = tiny_cfg(tmp_path, "eval.initial=false", "rl.total_steps=2", "task.kwargs.hold_out_validation=true",
+                   "eval.split=validation")
+    res = run_train(cfg, progress=False, stop_after=1)
+    assert res.before is None and res.after is None
+    res = run_train(cfg, resume=True, progress=False)
+    assert res.before is None and res.after is not None
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "test_reward" in r]
+    assert [r["step"] for r in evals] == [2]
+    assert "no step-0 evaluation" in capsys.readouterr().out
+
 def test_resume_with_a_different_model_names_the_field(tmp_path):
     from gdsd_jax.rl.run import run_train
 

@@ -60,8 +60,9 @@ def test_shipped_file_command_checks_and_regenerates(tmp_path, capsys):
 
     shipped = tmp_path / "set.csv"
     shipped.write_bytes(b"header\na\nb\n")
-    run = lambda argv, data: shipped_file_main(argv, prog="t", description="t", make=lambda: data,  # noqa: E731
-                                               shipped=shipped, unit="rows", header_lines=1)
+    run = lambda argv, data: shipped_file_main(argv, prog="t", description="t",  # noqa: E731
+                                               files={"test": (lambda: data, shipped)}, unit="rows",
+                                               header_lines=1)
     assert run(["--check"], b"header\na\nb\n") == 0
     assert "identical" in capsys.readouterr().out
     assert run(["--check"], b"header\na\nc\n") == 1                   # a generator change is caught
@@ -72,3 +73,11 @@ def test_shipped_file_command_checks_and_regenerates(tmp_path, capsys):
     assert out.read_bytes() == b"header\nx\ny\nz\n" and "(3 rows)" in capsys.readouterr().out
     with pytest.raises(SystemExit):                                     # exactly one of the two modes
         run([], b"")
+    other = tmp_path / "valid.csv"
+    other.write_bytes(b"header\nv\n")
+    two = {"test": (lambda: b"header\na\nb\n", shipped), "validation": (lambda: b"header\nw\n", other)}
+    assert shipped_file_main(["--check", "--split", "validation"], prog="t", description="t", files=two,
+                             unit="rows") == 1                          # checks the named split's file
+    assert shipped_file_main(["--regenerate", "--split", "validation"], prog="t", description="t", files=two,
+                             unit="rows") == 0
+    assert other.read_bytes() == b"header\nw\n" and shipped.read_bytes() == b"header\na\nb\n"

@@ -62,6 +62,24 @@ def test_train_set_solvable_disjoint_and_deterministic():
     assert C.make_train_set(n=3000, exclude=test)[:20] == train[:20]
 
 
+
+def test_validation_set_is_disjoint_from_test_and_train(tmp_path):
+    # The full 20,000: excluding only the test pairs, 9 of them would be validation pairs.
+    task = get_task("countdown")
+    valid, test, train = task.examples("validation"), task.examples("test"), task.examples("train")
+    keys = lambda rows: {C.instance_key(e) for e in rows}  # noqa: E731
+    assert len(valid) == 256 and len(keys(valid)) == 256
+    assert not keys(valid) & keys(test)
+    assert not keys(valid) & keys(train) and not keys(test) & keys(train)
+    for r in valid[::5]:
+        assert Fraction(r["target"]) in _reachable(r["numbers"])
+        assert C.score_expression(r["solution"], r["numbers"], r["target"]) == 1.0
+    out = tmp_path / "valid.jsonl"
+    subprocess.run([sys.executable, "-m", "gdsd_jax.tasks.countdown", "--regenerate", "--split", "validation",
+                    "--out", str(out)], check=True, capture_output=True, timeout=120)
+    assert out.read_bytes() == C.shipped_validation_path().read_bytes()
+
+
 # ---- arithmetic parser vs. CPython on the official alphabet ----
 
 def _python_value(expr):

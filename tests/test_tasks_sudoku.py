@@ -2,6 +2,7 @@
 branches, compact format."""
 
 import collections
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,37 @@ def test_regenerate_command_reproduces_shipped_file_byte_for_byte(tmp_path):
     check = subprocess.run([sys.executable, "-m", "gdsd_jax.tasks.sudoku", "--check"], capture_output=True,
                            timeout=120)
     assert check.returncode == 0
+
+
+
+def test_validation_set_is_disjoint_from_test_and_held_out_train(tmp_path):
+    """The shipped validation puzzles: unique solutions, 6 per validation grid, no grid shared with the test
+    set, and (with hold_out_validation) no solution grid in the train pool."""
+    grids = S.all_grids()
+    train_idx, test_idx = S.grid_split()
+    valid_idx = S.validation_grids()
+    assert len(valid_idx) == 48 and set(valid_idx) <= set(train_idx) and not set(valid_idx) & set(test_idx)
+    task = get_task("sudoku", hold_out_validation=True, train_per_grid=5)
+    valid, test, train = task.examples("validation"), task.examples("test"), task.examples("train")
+    assert len(valid) == 288 and len({r["puzzle"] for r in valid}) == 288
+    per_grid = collections.Counter(r["solution"] for r in valid)
+    assert set(per_grid) == {S.grid_string(grids[i]) for i in valid_idx} and set(per_grid.values()) == {6}
+    for r in valid[::7]:
+        assert _solutions(r["puzzle"]) == [r["solution"]]
+    valid_solutions = {r["solution"] for r in valid}
+    assert not valid_solutions & {r["solution"] for r in test}
+    assert not {r["puzzle"] for r in valid} & {r["puzzle"] for r in test}
+    assert not valid_solutions & {r["solution"] for r in train}
+    assert len({r["solution"] for r in train}) == 192
+    # Without the hold-out the validation grids are train targets: the split is refused, not served.
+    with pytest.raises(ValueError, match="hold_out_validation"):
+        get_task("sudoku").examples("validation")
+    example_solution = re.search(r"Solution: (\d{16})", S.EVAL_SYSTEM_PROMPT).group(1)
+    assert example_solution not in valid_solutions             # the chat eval prompt's example
+    out = tmp_path / "valid.csv"
+    subprocess.run([sys.executable, "-m", "gdsd_jax.tasks.sudoku", "--regenerate", "--split", "validation",
+                    "--out", str(out)], check=True, capture_output=True, timeout=120)
+    assert out.read_bytes() == S.shipped_validation_path().read_bytes()
 
 
 # ---- official reward: one completion per branch, expected values worked out by hand ----

@@ -91,7 +91,10 @@ class CheckpointSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSection:
     every: int = ranged(0, ge=0)        # 0 = only before and after training
-    split: str = "test"
+    split: str = "test"                 # "validation" where the task ships one (hyper-parameter selection)
+    # Evaluate the starting weights at step 0. An experiment whose runs share one warm start measures it once
+    # and turns this off in every run.
+    initial: bool = True
     max_examples: int | None = ranged(None, gt=0)   # None: the whole split
     batch_size: int = ranged(96, gt=0)
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)   # overrides of the train sampling

@@ -5,17 +5,23 @@ An experiment file (``configs/experiments/*.yaml``) names the tasks (a base run 
 by every method, the seeds, and optional studies (variants of one method). :func:`run_experiment` then:
 
 1. **Shared warm start.** For every task, the initial weights are built once (the task config's model at
-   ``warm_start_seed``, then its SFT warm start if ``warm_start.mode: sft``) and saved under
-   ``OUT/warm_starts/TASK``; every run of the task starts from that checkpoint (``model.checkpoint``), so
-   methods and seeds differ only in the RL phase.
+   ``warm_start_seed``, then its SFT warm start if ``warm_start.mode: sft``, whose early stop looks at the
+   validation split) and saved under ``OUT/warm_starts/TASK``; every run of the task starts from that
+   checkpoint (``model.checkpoint``), so methods and seeds differ only in the RL phase. The warm start is
+   evaluated once on the validation and the test split (``OUT/warm_starts/TASK.eval.json``); the runs skip
+   their own step-0 evaluation (``eval.initial=false``).
 2. **Selection.** Every grid point of every method runs once (seed ``selection.seed``, ``selection``
-   budget); the point with the best final greedy test reward is chosen (ties: the higher mean rollout
-   reward over the last 10 steps, then the earlier grid point).
-3. **Main.** Every method at its chosen point, for every seed.
+   budget), evaluated on the **validation** split; the point with the best final greedy validation reward
+   is chosen (ties: the higher mean rollout reward over the last 10 steps, then the earlier grid point).
+3. **Main.** Every method at its chosen point, for every seed, evaluated on the **test** split.
 4. **Studies.** Each variant of a study: the study's method at its chosen point plus the variant's
-   overrides, for every seed.
-5. **Aggregation.** ``OUT/results.md`` (tables, the selection grid, a check of the paper's claims) and
-   PNG curves next to it (mean and spread over seeds).
+   overrides, for every seed (test split).
+5. **Aggregation.** ``OUT/results.md`` (per task: final test reward mean, sample std and 95% t interval
+   over seeds, GDSD's paired difference to every baseline with an exact bootstrap interval; the selection
+   grid; a check of the paper's claims) and PNG curves next to it (mean and spread over seeds).
+
+The trainer logs the greedy reward of its eval split under ``test_reward`` whichever split that is: in a
+selection run that key holds the validation reward.
 
 Runs live in ``OUT/runs/TASK/METHOD/TAG-HASH``; the hash covers the run's whole resolved config (output
 directory and warm-start path excluded), so a run shared by two phases (e.g. the seed-0 selection run at
@@ -44,8 +50,12 @@ import numpy as np
 import yaml
 
 from gdsd_jax.config_io import ConfigError, apply_overrides, parse_override, read_yaml, resolve_config_path, to_dict
+from gdsd_jax.rl.stats import mean_ci, paired_bootstrap_ci, seed_stats
 
 TAIL = 10  # steps averaged for "final rollout reward" and the selection tie-break
+SELECTION_SPLIT = "validation"   # hyper-parameters are chosen here ...
+REPORT_SPLIT = "test"            # ... and the chosen points reported here, never both on one split
+REFERENCE_METHOD = "gdsd"        # the paired differences are this method minus each other one
 
 
 # ---- experiment file ----------------------------------------------------------------------------
@@ -282,7 +292,9 @@ def make_run(exp: Experiment, task: str, method: str, point: dict, seed: int, *,
 
     Override order (later wins): task overrides, the common overrides, the method's objective section
     (replacing the base config's) and overrides, its per-task overrides, the variant's, the grid point, then
-    the budget (P, G, every rollout trained on, steps, eval cadence, one micro-batch per step) and the seed.
+    the budget (P, G, every rollout trained on, steps, eval cadence, one micro-batch per step), the eval split
+    (validation for ``phase="select"``, test otherwise; no step-0 evaluation: the shared warm start is
+    measured once) and the seed.
     """
     t = exp.tasks[task]
     m = exp.methods[method]
@@ -296,9 +308,11 @@ def make_run(exp: Experiment, task: str, method: str, point: dict, seed: int, *,
           *m.task_overrides.get(task, ()), *extra, *_point_overrides(point)]
     p, g = int(exp.budget["prompts_per_step"]), int(exp.budget["num_generations"])
     # The budget is P x G rollouts per step for every method: no dynamic sampling (it would roll out more).
+    split = SELECTION_SPLIT if phase == "select" else REPORT_SPLIT
     ov += [f"rl.prompts_per_step={p}", f"rl.num_generations={g}", f"rl.micro_batch_size={p * g}",
            "rl.rollout_prompts_per_step=null",
-           f"rl.total_steps={total_steps}", f"eval.every={eval_every}", f"rl.seed={seed}"]
+           f"rl.total_steps={total_steps}", f"eval.every={eval_every}", f"eval.split={split}",
+           "eval.initial=false", f"rl.seed={seed}"]
     if warm_start is not None:
         ov += [f"model.checkpoint={warm_start}", "warm_start.mode=none"]
     return RunSpec(task, study or method, variant, tuple(point.items()), seed, total_steps, eval_every, (phase,),
@@ -405,12 +419,6 @@ def final_test_reward(records: Sequence[dict], total_steps: int) -> float | None
     return float(hit[-1]) if len(hit) else None
 
 
-def initial_test_reward(records: Sequence[dict]) -> float | None:
-    s, v = series(records, "test_reward")
-    hit = v[s == 0]
-    return float(hit[0]) if len(hit) else None
-
-
 def tail_reward(records: Sequence[dict], n: int = TAIL) -> float | None:
     """Mean rollout reward over the last ``n`` RL steps."""
     _, v = series(records, "reward_mean")
@@ -420,7 +428,7 @@ def tail_reward(records: Sequence[dict], n: int = TAIL) -> float | None:
 def select_point(candidates: Sequence[tuple[dict, list[dict], int]]) -> tuple[dict, list[dict]] | None:
     """Pick the best grid point from ``(point, records, total_steps)`` of finished selection runs.
 
-    Best = the highest final greedy test reward; ties go to the higher mean rollout reward over the last
+    Best = the highest final greedy reward on the run's eval split (validation for selection runs); ties go to the higher mean rollout reward over the last
     ``TAIL`` steps, then to the earlier candidate. Returns ``(point, table)`` where ``table`` lists every
     candidate's numbers (``chosen`` marks the pick), or None if no candidate has a final test reward.
     """
@@ -439,14 +447,6 @@ def select_point(candidates: Sequence[tuple[dict, list[dict], int]]) -> tuple[di
         return None
     table[best]["chosen"] = True
     return dict(candidates[best][0]), table
-
-
-def seed_stats(values: Sequence[float]) -> tuple[float, float, int]:
-    """(mean, sample std with ddof=1 (0 for a single value), n) over seeds."""
-    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if a.size == 0:
-        return math.nan, math.nan, 0
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
 
 
 def aggregate_curves(runs_records: Sequence[Sequence[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -569,37 +569,64 @@ def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: boo
     return errors
 
 
+def warm_start_eval_path(out: Path, task: str) -> Path:
+    return Path(out) / "warm_starts" / f"{task}.eval.json"
+
+
 def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=print,
                         progress: bool = True) -> dict[str, Path]:
-    """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start)."""
-    from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params
+    """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start,
+    stopped on the validation split), and its greedy reward on the validation and the test split, measured
+    once for every run of the task (``warm_start_eval_path``)."""
+    from gdsd_jax.checkpoint.params_io import is_params_checkpoint, restore_params, save_params
     from gdsd_jax.config_io import load_config
     from gdsd_jax.rl.config import TrainConfig
-    from gdsd_jax.rl.run import build_mesh, build_model, warm_start
+    from gdsd_jax.rl.evaluate import evaluate
+    from gdsd_jax.rl.run import build_mesh, build_model, build_task_and_adapter, eval_examples, warm_start
 
     paths = {}
     for task in tasks:
         t = exp.tasks[task]
         path = Path(out) / "warm_starts" / task
         paths[task] = path
-        if is_params_checkpoint(path):
+        evals = warm_start_eval_path(out, task)
+        if is_params_checkpoint(path) and evals.is_file():
             continue
         cfg = load_config(TrainConfig, t.config, [*t.overrides, *exp.common_overrides,
-                                                  f"rl.seed={exp.warm_start_seed}"]).validate()
+                                                  f"rl.seed={exp.warm_start_seed}",
+                                                  f"eval.split={SELECTION_SPLIT}"]).validate()
         mesh = build_mesh(cfg)
-        model_cfg, params = build_model(cfg, mesh)
-        if cfg.warm_start.mode == "sft" and not cfg.model.checkpoint:
-            say(f"{task}: warm start (SFT, cached under {cfg.warm_start.cache_dir})")
-            model_cfg, params = warm_start(cfg, mesh, model_cfg, params, progress=progress)
-        save_params(path, params, model_cfg)
+        if is_params_checkpoint(path):
+            params, model_cfg = restore_params(path, mesh=mesh)
+        else:
+            model_cfg, params = build_model(cfg, mesh)
+            if cfg.warm_start.mode == "sft" and not cfg.model.checkpoint:
+                say(f"{task}: warm start (SFT, cached under {cfg.warm_start.cache_dir})")
+                model_cfg, params = warm_start(cfg, mesh, model_cfg, params, progress=progress)
+            save_params(path, params, model_cfg)
+        task_obj, adapter, _ = build_task_and_adapter(cfg, model_cfg)
+        rewards = {}
+        for split in (SELECTION_SPLIT, REPORT_SPLIT):
+            res = evaluate(params, model_cfg, adapter, eval_examples(task_obj, cfg, split),
+                           cfg.eval_sampling_config(), mesh, batch_size=cfg.eval.batch_size)
+            rewards[split] = {"reward": res.mean_reward, "solved": res.accuracy}
+            say(f"{task}: warm start {split} reward {res.mean_reward:.3f} (solved {res.accuracy:.3f})")
+        evals.write_text(json.dumps(rewards, indent=2) + "\n")
     return paths
+
+
+def warm_start_reward(out: Path, task: str, split: str = REPORT_SPLIT) -> float | None:
+    """The shared warm start's greedy reward on ``split`` (None before it was measured)."""
+    p = warm_start_eval_path(out, task)
+    return float(json.loads(p.read_text())[split]["reward"]) if p.is_file() else None
 
 
 # ---- runtime estimate ---------------------------------------------------------------------------
 
 def estimate_seconds(exp: Experiment, spec: RunSpec) -> float:
     """Per-run estimate from the experiment's ``estimate`` section (measured on one machine):
-    ``overhead_s + total_steps * step_s[task][method] * (1 + update_share * (mu - 1)) + evals * eval_s[task]``."""
+    ``overhead_s + total_steps * step_s[task][method] * (1 + extra_iteration_share * (mu - 1)) +
+    evals * eval_s[task]``, evals = the intermediate and the final one (no step-0 evaluation)."""
     e = exp.estimate
     step = e.get("step_s", {}).get(spec.task, {})
     base_method = exp.studies[spec.method].method if spec.method in exp.studies else spec.method
@@ -610,7 +637,7 @@ def estimate_seconds(exp: Experiment, spec: RunSpec) -> float:
         if k == ["rl", "num_iterations"]:
             mu = int(v)
     per_step *= 1.0 + float(e.get("extra_iteration_share", 0.5)) * (mu - 1)
-    n_evals = 2 + (spec.total_steps // spec.eval_every - (spec.total_steps % spec.eval_every == 0)
+    n_evals = 1 + (spec.total_steps // spec.eval_every - (spec.total_steps % spec.eval_every == 0)
                    if spec.eval_every else 0)
     eval_s = float(e.get("eval_s", {}).get(spec.task, 5.0))
     return float(e.get("overhead_s", 20.0)) + spec.total_steps * per_step + n_evals * eval_s
@@ -629,22 +656,31 @@ def _pm(mean: float, std: float, n: int, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" (n={n})" if n else "")
 
 
-def _group_stats(specs: Sequence[RunSpec], out: Path) -> dict:
-    """Numbers of one group of runs (the seeds of one task/method[/variant])."""
-    recs = [read_records(s.run_dir(out)) for s in specs if is_finished(s.run_dir(out))]
-    done = [_done(s.run_dir(out)) for s in specs if is_finished(s.run_dir(out))]
+def with_initial(records: Sequence[dict], initial: float | None) -> list[dict]:
+    """``records`` plus the shared warm start's reward as the step-0 evaluation (runs skip their own)."""
+    if initial is None or any(r.get("step") == 0 and "test_reward" in r for r in records):
+        return list(records)
+    return [{"step": 0, "test_reward": initial}, *records]
+
+
+def _group_stats(specs: Sequence[RunSpec], out: Path, initial: float | None = None) -> dict:
+    """Numbers of one group of runs (the seeds of one task/method[/variant]); ``initial`` is the shared warm
+    start's test reward, the curves' step 0."""
+    finished = [s for s in specs if is_finished(s.run_dir(out))]
+    recs = [with_initial(read_records(s.run_dir(out)), initial) for s in finished]
+    done = [_done(s.run_dir(out)) for s in finished]
     total = specs[0].total_steps
     finals = [final_test_reward(r, total) for r in recs]
     peaks = [float(series(r, "test_reward")[1].max()) if len(series(r, "test_reward")[1]) else None for r in recs]
     tails = [tail_reward(r) for r in recs]
-    befores = [initial_test_reward(r) for r in recs]
     walls = [d["wall_time_s"] for d in done]
     ts, tm, tsd = aggregate_curves(recs, "test_reward")
     rs, rm, rsd = aggregate_curves(recs, "reward_mean")
     peak_roll = [float(smooth(series(r, "reward_mean")[1], TAIL).max()) if len(series(r, "reward_mean")[1])
                  else None for r in recs]
     return {"n": len(recs), "of": len(specs), "records": recs, "final": seed_stats(finals),
-            "peak": seed_stats(peaks), "tail": seed_stats(tails), "before": seed_stats(befores),
+            "final_ci": mean_ci(finals), "final_by_seed": {s.seed: f for s, f in zip(finished, finals)},
+            "peak": seed_stats(peaks), "tail": seed_stats(tails),
             "wall": seed_stats(walls), "wall_total": float(sum(walls)), "peak_rollout": seed_stats(peak_roll),
             "test_curve": (ts, tm, tsd), "rollout_curve": (rs, rm, rsd),
             "mean_curve_peak_drop": float(tm.max() - tm[-1]) if len(tm) else math.nan}
@@ -739,6 +775,23 @@ def _claims(exp: Experiment, stats: dict, tasks: Sequence[str]) -> list[str]:
     return lines
 
 
+def paired_difference(ref_by_seed: dict, other_by_seed: dict) -> tuple[float, float, float, int] | None:
+    """(mean of ref - other, bootstrap lower, upper, n) over the seeds both finished (None if there are none)."""
+    seeds = sorted(k for k in ref_by_seed if ref_by_seed[k] is not None and other_by_seed.get(k) is not None)
+    if not seeds:
+        return None
+    mean, lo, hi = paired_bootstrap_ci([ref_by_seed[k] for k in seeds], [other_by_seed[k] for k in seeds])
+    return mean, lo, hi, len(seeds)
+
+
+def _ci(lo: float, hi: float) -> str:
+    return "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _diff(d: tuple[float, float, float, int] | None) -> str:
+    return "–" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] (n={d[3]})"
+
+
 def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, only=None,
                   elapsed: float | None = None, warm_starts: dict | None = None,
                   results_dir: str | Path | None = None) -> Path:
@@ -753,17 +806,22 @@ def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, onl
              "## Setup", "",
              f"- Rollout budget, identical for every method: {exp.budget['total_steps']} RL steps x "
              f"{exp.budget['prompts_per_step']} prompts x {exp.budget['num_generations']} completions "
-             f"({exp.rows_per_step()} rollouts per step), greedy test evaluation every "
+             f"({exp.rows_per_step()} rollouts per step), greedy {REPORT_SPLIT} evaluation every "
              f"{exp.budget['eval_every'] or 'end'} steps; seeds {list(exp.seeds)}.",
-             f"- Learning-rate (and psi) selection: one run per grid point at seed {exp.selection['seed']} for "
-             f"{exp.selection['total_steps']} steps; the best final greedy test reward wins (ties: the higher "
-             f"rollout reward over the last {TAIL} steps).",
-             "- Every run of a task starts from the same warm start (one SFT checkpoint per task).", ""]
+             f"- Hyper-parameter selection on the {SELECTION_SPLIT} split: one run per grid point at seed "
+             f"{exp.selection['seed']} for {exp.selection['total_steps']} steps; the best final greedy "
+             f"{SELECTION_SPLIT} reward wins (ties: the higher rollout reward over the last {TAIL} steps). The "
+             f"{REPORT_SPLIT} split is used only for the chosen points.",
+             "- Every run of a task starts from the same warm start (one SFT checkpoint per task), evaluated "
+             "once; the runs skip their own step-0 evaluation.",
+             f"- Final test reward: mean ± sample std over seeds, and the 95% Student-t interval of the mean. "
+             f"{REFERENCE_METHOD} − method: the mean paired difference over the seeds both ran, with the 95% "
+             f"percentile interval of its exact bootstrap distribution.", ""]
     # Selection tables
-    lines += ["## Learning-rate selection", ""]
+    lines += [f"## Hyper-parameter selection ({SELECTION_SPLIT} split)", ""]
     for task in tasks:
-        lines += [f"### {task}", "", "| method | grid point | final test reward | rollout reward (last 10) | chosen |",
-                  "|---|---|---|---|---|"]
+        lines += [f"### {task}", "", f"| method | grid point | final {SELECTION_SPLIT} reward | rollout reward "
+                  f"(last {TAIL}) | chosen |", "|---|---|---|---|---|"]
         for (t, m), table in selection.items():
             if t != task:
                 continue
@@ -777,21 +835,29 @@ def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, onl
     lines += ["## Final greedy test reward", ""]
     for task in tasks:
         groups = {}
-        rows = []
+        initial = warm_start_reward(out, task)
         for method in exp.methods:
             if (task, method) not in chosen or not _matches(f"{task}/{method}", only):
                 continue
             specs = [s for s in main_runs(exp, {(task, method): chosen[(task, method)]}, warm_starts)]
-            g = _group_stats(specs, out)
-            stats[(task, method)] = g
+            stats[(task, method)] = _group_stats(specs, out, initial)
+        ref = stats.get((task, REFERENCE_METHOD))
+        rows = []
+        for (t, method), g in stats.items():
+            if t != task:
+                continue
             if g["n"]:
                 groups[method] = g
-            rows.append(f"| {method} | {point_tag(chosen[(task, method)])} | {_pm(*g['before'])} | "
-                        f"**{_pm(*g['final'])}** | {_pm(*g['peak'])} | {_pm(*g['tail'])} | "
+            diff = None if ref is None or method == REFERENCE_METHOD else paired_difference(
+                ref["final_by_seed"], g["final_by_seed"])
+            rows.append(f"| {method} | {point_tag(chosen[(task, method)])} | **{_pm(*g['final'])}** | "
+                        f"{_ci(*g['final_ci'])} | {_diff(diff)} | {_pm(*g['peak'])} | {_pm(*g['tail'])} | "
                         f"{_pm(*g['wall'], digits=0)} | {g['n']}/{g['of']} |")
-        lines += [f"### {task}", "",
-                  "| method | chosen | before (warm start) | final test reward | peak test reward | "
-                  "final rollout reward | wall time per run (s) | runs |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+        before = "not measured" if initial is None else f"{initial:.3f}"
+        lines += [f"### {task}", "", f"Warm start (shared by every run): greedy test reward {before}.", "",
+                  f"| method | chosen | final test reward | 95% CI | {REFERENCE_METHOD} − method [95% bootstrap CI] | "
+                  "peak test reward | final rollout reward | wall time per run (s) | runs |",
+                  "|---|---|---|---|---|---|---|---|---|", *rows, ""]
         if groups:
             png = plot_groups(groups, res_dir / f"curves_{task}.png", f"{task}: mean ± std over seeds")
             lines += [f"![{task} curves]({png.name})", ""]
@@ -810,7 +876,7 @@ def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, onl
             for v in s.variants:
                 specs = [r for r in study_runs(exp, {(task, s.method): chosen[(task, s.method)]}, warm_starts)
                          if r.method == sname and r.variant == v]
-                g = _group_stats(specs, out)
+                g = _group_stats(specs, out, warm_start_reward(out, task))
                 if g["n"]:
                     groups[v] = g
                 band = [float(np.mean(series(r, "inside_clip_frac")[1])) for r in g["records"]
@@ -863,6 +929,37 @@ def _selection_filter(exp: Experiment, only: Sequence[str] | None) -> list[str] 
     return [*only, *extra]
 
 
+def slowest_points(exp: Experiment) -> dict:
+    """Each (task, method)'s grid point whose main-budget run the estimate makes longest: the dry run plans
+    the later phases there (the selection has not chosen yet), so its total is an upper bound."""
+    return {(t, m): max(grid_points(exp.methods[m].grid), key=lambda pt: estimate_seconds(exp, make_run(
+        exp, t, m, pt, exp.seeds[0], total_steps=int(exp.budget["total_steps"]),
+        eval_every=int(exp.budget["eval_every"]), phase="main")))
+        for t in exp.tasks for m in exp.methods}
+
+
+def say_plan(exp: Experiment, out: Path, tasks: Sequence[str], sel: Sequence[RunSpec], only, say, source: str) -> float:
+    """``--dry-run``: every run of the plan with its estimate, the total per phase; returns the total (s)."""
+    later = dedupe([*sel, *main_runs(exp, slowest_points(exp), None, only),
+                    *study_runs(exp, slowest_points(exp), None, only)], out)
+    say(f"experiment {exp.name}: {len(later)} runs ({len(sel)} selection), output {out}")
+    per_phase: dict[str, float] = {}
+    for s in later:
+        done = is_finished(s.run_dir(out))
+        est = 0.0 if done else estimate_seconds(exp, s)
+        per_phase[s.phases[0]] = per_phase.get(s.phases[0], 0.0) + est
+        say(f"  [{'+'.join(s.phases)}] {s.group} {point_tag(s.point_dict)} seed={s.seed} "
+            f"steps={s.total_steps}  {'done' if done else f'~{est:.0f}s'}")
+    warm = float(sum(exp.estimate.get("warm_start_s", {}).get(t, 0.0) for t in tasks
+                     if not warm_start_eval_path(out, t).is_file()))
+    total = warm + sum(per_phase.values())
+    parts = ", ".join(f"{ph} {v / 60:.0f} min" for ph, v in per_phase.items())
+    say(f"estimated runtime of the remaining runs: {total / 60:.0f} min (warm starts {warm / 60:.0f} min, {parts}; "
+        f"jobs=1; the main and study runs at each method's slowest grid point, an upper bound; from the "
+        f"'estimate' section of {source}, measured on one machine)")
+    return total
+
+
 def run_experiment(path: str | Path, *, only: Sequence[str] | None = None, jobs: int = 1, dry_run: bool = False,
                    output_dir: str | None = None, results_dir: str | None = None, progress: bool = True,
                    keep_checkpoints: bool = False, say: Callable[[str], None] = print) -> int:
@@ -875,19 +972,7 @@ def run_experiment(path: str | Path, *, only: Sequence[str] | None = None, jobs:
     sel_only = _selection_filter(exp, only)
     sel = dedupe(selection_runs(exp, None, sel_only), out)
     if dry_run:
-        # Without the selection results, plan the later phases at each method's first grid point.
-        first = {(t, m): grid_points(exp.methods[m].grid)[0] for t in exp.tasks for m in exp.methods}
-        later = dedupe([*sel, *main_runs(exp, first, None, only), *study_runs(exp, first, None, only)], out)
-        total = 0.0
-        say(f"experiment {exp.name}: {len(later)} runs ({len(sel)} selection), output {out}")
-        for s in later:
-            est = estimate_seconds(exp, s)
-            total += 0.0 if is_finished(s.run_dir(out)) else est
-            state = "done" if is_finished(s.run_dir(out)) else f"~{est:.0f}s"
-            say(f"  [{'+'.join(s.phases)}] {s.group} {point_tag(s.point_dict)} seed={s.seed} "
-                f"steps={s.total_steps}  {state}")
-        say(f"estimated runtime of the remaining runs: {total / 60:.0f} min (jobs=1; from the 'estimate' "
-            f"section of {path}, measured on one machine)")
+        say_plan(exp, out, tasks, sel, only, say, source=str(path))
         return 0
 
     t0 = time.perf_counter()

@@ -105,12 +105,14 @@ def index_iterator(num_examples: int, batch_size: int, seed: int):
     return iter(ds.to_iter_dataset())
 
 
-def eval_examples(task, cfg: TrainConfig) -> list[dict]:
-    ex = list(task.examples(cfg.eval.split))
+def eval_examples(task, cfg: TrainConfig, split: str | None = None) -> list[dict]:
+    """The first ``eval.max_examples`` examples of ``split`` (default ``eval.split``)."""
+    split = split or cfg.eval.split
+    ex = list(task.examples(split))
     if cfg.eval.max_examples:
         ex = ex[:cfg.eval.max_examples]
     if not ex:
-        raise ValueError(f"task {task.name!r} has no examples in split {cfg.eval.split!r}")
+        raise ValueError(f"task {task.name!r} has no examples in split {split!r}")
     return ex
 
 
@@ -314,7 +316,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     before = None
-    if meta.get("before") is None:
+    if cfg.eval.initial and meta.get("before") is None:
         before = run_eval(state)
         meta["before"] = before.mean_reward
         logger.log(0, {"test_reward": before.mean_reward, "test_accuracy": before.accuracy})
@@ -405,10 +407,15 @@ def _check_resume_config(saved: dict, current: dict, prefix: str = "") -> None:
             raise ConfigError(f"--resume: config mismatch in {key}{detail}: checkpoint has {a!r}, now {b!r}")
 
 
-def _print_summary(before: float, after: float, out: epath.Path, method: str = "GDSD") -> None:
+def _print_summary(before: float | None, after: float, out: epath.Path, method: str = "GDSD") -> None:
+    """The before/after table; without a step-0 evaluation (``eval.initial: false``) only the final reward."""
     if jax.process_index() != 0:
         return
-    lines = ["", "| greedy test reward | value |", "|---|---|", f"| before (warm start) | {before:.3f} |",
-             f"| after {method} | {after:.3f} |", f"| change | {after - before:+.3f} |", "",
-             f"run directory: {out}", f"test_reward: {before:.3f} -> {after:.3f}"]
+    if before is None:
+        lines = ["", f"greedy test reward after {method}: {after:.3f} (no step-0 evaluation)",
+                 f"run directory: {out}"]
+    else:
+        lines = ["", "| greedy test reward | value |", "|---|---|", f"| before (warm start) | {before:.3f} |",
+                 f"| after {method} | {after:.3f} |", f"| change | {after - before:+.3f} |", "",
+                 f"run directory: {out}", f"test_reward: {before:.3f} -> {after:.3f}"]
     print("\n".join(lines), flush=True)

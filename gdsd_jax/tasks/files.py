@@ -187,17 +187,23 @@ def official_data_path(name: str) -> Path:
     return Path(str(resources.files("gdsd_jax.tasks") / "data" / "official" / name))
 
 
-def shipped_file_main(argv: Sequence[str] | None, *, prog: str, description: str, make: Callable[[], bytes],
-                      shipped: Path, unit: str, header_lines: int = 0) -> int:
-    """Command line of a generated data file shipped with the package: ``--regenerate [--out PATH]`` writes
-    ``make()`` (default: over the shipped file), ``--check`` exits 1 unless the shipped file regenerates
-    byte for byte. ``unit`` names a row in the summary (``"puzzles"``); ``header_lines`` are not counted."""
+def shipped_file_main(argv: Sequence[str] | None, *, prog: str, description: str,
+                      files: Mapping[str, tuple[Callable[[], bytes], Path]], unit: str,
+                      header_lines: int = 0) -> int:
+    """Command line of the generated data files shipped with the package, one per split (``files``: split ->
+    ``(make, shipped_path)``, the first split the default): ``--regenerate [--split S] [--out PATH]`` writes
+    ``make()`` (default: over the shipped file), ``--check [--split S]`` exits 1 unless the shipped file
+    regenerates byte for byte. ``unit`` names a row in the summary (``"puzzles"``); ``header_lines`` are
+    not counted."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--regenerate", action="store_true", help="write the file (default: the shipped file)")
     group.add_argument("--check", action="store_true", help="verify the shipped file regenerates byte for byte")
+    parser.add_argument("--split", choices=list(files), default=next(iter(files)),
+                        help="which shipped file (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="output path for --regenerate")
     args = parser.parse_args(argv)
+    make, shipped = files[args.split]
     data = make()
     if args.check:
         same = shipped.read_bytes() == data
