@@ -117,6 +117,11 @@ def build(cls: type[T], data: Mapping | None, prefix: str = "") -> T:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    removed = sorted(set(data) & set(getattr(cls, "REMOVED_KEYS", {})))
+    if removed:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError("; ".join(f"config key {where + k!r} was removed ({cls.REMOVED_KEYS[k]}): "
+                                    f"delete it from the config" for k in removed))
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""

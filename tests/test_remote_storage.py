@@ -194,8 +194,8 @@ def test_read_and_write_helpers_accept_strings_and_epath_objects(tmp_path, monke
         assert [r["step"] for r in read_metrics(d)] == [0]
         ck = RunCheckpointer(epath.Path(d) / "ck" if i % 2 else os.path.join(os.fspath(d), "ck"), async_save=False)
         state = {"w": jax.numpy.arange(4.0) + i}
-        ck.save(3, state, None, {"i": i})
-        got, meta = ck.restore(None, abstract_like(state), None)
+        ck.save(3, state, {"i": i})
+        got, meta = ck.restore(None, abstract_like(state))
         ck.close()
         assert meta == {"i": i} and np.asarray(got["w"]).tolist() == [i, i + 1.0, i + 2.0, i + 3.0]
     assert (tmp_path / "rel" / "a" / "metrics.jsonl").exists()

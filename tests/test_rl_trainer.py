@@ -51,6 +51,32 @@ def test_unknown_key_is_named():
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["rl.num_generation=4"])
 
 
+@pytest.mark.parametrize("key", ["rl.reference_refresh_every=10", "task.system_prompt=false"])
+def test_removed_key_is_named(key):
+    """Keys nothing reads any more stop the run naming the key, instead of being accepted silently."""
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{name}' was removed .*delete it"):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", [key])
+
+
+def test_every_config_key_is_read():
+    """Every field of the run config's sections is read somewhere in the package (no accepted-but-ignored key)."""
+    import ast
+    import dataclasses
+
+    read = set()
+    for path in (REPO / "gdsd_jax").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):          # the run config's validation alone does not count as a use
+            if isinstance(node, ast.FunctionDef) and node.name == "validate":
+                node.body = []
+        read |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    unread = [f"{section.name}.{f.name}" for section in dataclasses.fields(TrainConfig)
+              if dataclasses.is_dataclass(section.default) for f in dataclasses.fields(section.default)
+              if f.name not in read]
+    assert not unread, f"run-config keys never read: {unread}"
+
+
 def test_bad_value_is_named():
     with pytest.raises(ConfigError, match=r"rl\.total_steps"):
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["rl.total_steps=many"])

@@ -1,13 +1,12 @@
-"""Orbax checkpoints of a training run: state pytree + Grain iterator state + JSON metadata.
+"""Orbax checkpoints of a training run: state pytree + JSON metadata.
 
-One checkpoint step holds three items:
+One checkpoint step holds two items:
 
 * ``state``: the training state pytree (trainable parameters or LoRA adapters, optimizer state, step,
   RNG key data) saved with ``StandardSave`` and restored onto the target shardings, so a run can resume on
   a different mesh;
-* ``data_iter``: the Grain iterator state (the data pipeline resumes with exactly the next batch; it is
-  never fast-forwarded);
-* ``meta``: JSON with the run config, counters and the best eval reward so far.
+* ``meta``: JSON with the run config, counters, the best eval reward so far and the index iterator's state
+  (``data_state``: the data resume with exactly the next batch; the iterator is never fast-forwarded).
 
 Saves are asynchronous (``async_save``); :meth:`RunCheckpointer.wait` blocks until they are durable.
 Every process of a multi-host run calls save and restore (Orbax synchronises them).
@@ -22,7 +21,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -43,9 +41,9 @@ class RunCheckpointer:
             keep_checkpoints_without_metrics=True,
         )
         self._mngr = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data_iter", "meta"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                           "data_iter": grain.checkpoint.CheckpointHandler()}, options=options)
+            self.directory, item_names=("state", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            options=options)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -53,22 +51,18 @@ class RunCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
-    def save(self, step: int, state: Any, data_iter: Any, meta: dict, *, eval_reward: float | None = None,
+    def save(self, step: int, state: Any, meta: dict, *, eval_reward: float | None = None,
              force: bool = True) -> None:
         metrics = {"eval_reward": eval_reward} if eval_reward is not None else None
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
-    def restore(self, step: int | None, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
-        """Restore ``state`` onto the shardings of ``abstract_state`` and ``data_iter`` in place."""
+    def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
+        """Restore ``state`` onto the shardings of ``abstract_state``; returns ``(state, meta)``."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["meta"]
 

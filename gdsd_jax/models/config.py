@@ -9,7 +9,7 @@ bidirectional attention, SwiGLU MLP, untied LM head). They differ in:
   counted from the first real token, raw logits shifted by one (hidden state i predicts token i+1); the
   model undoes the shift so that the public forward is aligned like LLaDA's.
 
-Numbers of the presets: LLaDA-8B and Dream-7B ``config.json`` (see ``docs/models.md``).
+Numbers of the presets: LLaDA-8B and Dream-7B ``config.json``.
 """
 
 from __future__ import annotations

@@ -41,10 +41,6 @@ def clamp_passthrough(x: jax.Array, lo, hi) -> jax.Array:
     return jnp.where(inside, x, lax.stop_gradient(jnp.clip(x, lo, hi)))
 
 
-def _sg(x):
-    return None if x is None else lax.stop_gradient(x)
-
-
 def _mean(x):
     return jnp.mean(lax.stop_gradient(x).astype(jnp.float32))
 

@@ -1,6 +1,6 @@
 """Run configuration of RL training, SFT and evaluation (one YAML file per run, see ``configs/``).
 
-Every setting of the official GDSD recipes (``gdsd_paper.md`` §5.1) is a field here. Sections whose
+Every setting of the official GDSD recipes (the GDSD paper, arXiv 2605.29398, §5.1) is a field here. Sections whose
 fields belong to another module (``sampling`` -> :class:`gdsd_jax.sampling.SamplingConfig`,
 ``objective`` -> :class:`gdsd_jax.objectives.ObjectiveConfig`) are kept as mappings in the file and
 validated by constructing those classes in :meth:`TrainConfig.validate`, so a wrong key still fails at
@@ -10,7 +10,7 @@ start naming the key.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from gdsd_jax.config_io import ConfigError
 
@@ -30,8 +30,10 @@ class TaskSection:
     format: Literal["compact", "chat"] = "compact"
     prompt_length: int = 17
     truncate: Literal["left", "error"] = "left"
-    system_prompt: bool = True
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Keys older configs may set that nothing reads any more: a clear error instead of a silent no-op.
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "system_prompt": "each task builds its official prompt, system text included"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,8 +50,9 @@ class RLSection:
     advantage: Literal["loo", "group_mean"] = "loo"
     scale_std: bool = False
     reward_weights: dict[str, float] = dataclasses.field(default_factory=dict)
-    reference_refresh_every: int = 0    # 0 = the reference stays the initial model
     max_nonfinite_in_a_row: int = 5
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "reference_refresh_every": "the reference model is always the initial model"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -694,7 +694,7 @@ def plot_groups(groups: dict[str, dict], path: Path, title: str, extra_key: str 
 
 
 def _claims(exp: Experiment, stats: dict, tasks: Sequence[str]) -> list[str]:
-    """Plain statements of the paper's claims (gdsd_paper.md §5.2) against the measured numbers."""
+    """Plain statements of the paper's claims (the GDSD paper, §5.2) against the measured numbers."""
     tol = float(exp.claims.get("tolerance", 0.03))
     collapse = float(exp.claims.get("collapse_fraction", 0.5))
     lines = [f"Criteria: *stable* = the mean-over-seeds test-reward curve ends within {tol} of its maximum; "

@@ -85,7 +85,7 @@ def index_iterator(num_examples: int, batch_size: int, seed: int):
     loads only those examples. Sharding after batching, rather than ``[process_index::process_count]``
     before it, makes the global batch independent of the number of processes: a run on 2 hosts sees
     exactly the prompts of a run on 1 host, and a checkpoint can move between topologies. The iterator
-    state is checkpointed with the run, so a resume continues with exactly the next batch.
+    state is saved in the checkpoint's metadata, so a resume continues with exactly the next batch.
     """
     if num_examples == 0:
         raise ValueError("the training set is empty")
@@ -262,7 +262,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     meta = {"config": to_dict(cfg), "model_config": model_cfg.to_dict(), "nonfinite_total": 0, "before": None,
             "best_eval": None}
     if resume_step is not None:
-        state, meta = ckpt.restore(resume_step, trainer.abstract_state(state), None)
+        state, meta = ckpt.restore(resume_step, trainer.abstract_state(state))
         # Every process walks the same global index stream, so one iterator state serves any topology.
         data_it.set_state(meta["data_state"])
         log(f"resumed from step {resume_step}")
@@ -307,7 +307,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             last = step == total
             if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or pre.requested:
                 meta["data_state"] = data_it.get_state()
-                ckpt.save(step, state, None, meta, eval_reward=eval_reward)
+                ckpt.save(step, state, meta, eval_reward=eval_reward)
             done_here += 1
             if pre.requested:
                 log(f"SIGTERM: checkpoint written at step {step}; exiting")

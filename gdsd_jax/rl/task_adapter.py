@@ -74,12 +74,12 @@ class CompactAdapter:
 
 
 class ChatAdapter:
-    """Official chat prompts through a tokenizer (prefill included, see :mod:`gdsd_jax.data.prompts`);
+    """Official chat prompts through a tokenizer (prefill included, see :mod:`gdsd_jax.tasks.prompts`);
     rewards from the task's reward functions (:func:`gdsd_jax.tasks.base.score_batch`)."""
 
     def __init__(self, task: Task, tokenizer, prompt_length: int, *, split: str = "train", truncate: str = "left",
                  reward_weights: dict[str, float] | None = None):
-        from gdsd_jax.data.prompts import PromptConfig
+        from gdsd_jax.tasks.prompts import PromptConfig
 
         self.task = task
         self.tok = tokenizer
@@ -90,7 +90,7 @@ class ChatAdapter:
         self.truncated = 0
 
     def encode(self, examples: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-        from gdsd_jax.data.prompts import build_prompts
+        from gdsd_jax.tasks.prompts import build_prompts
 
         batch = build_prompts(self.task, examples, self.tok, self.prompt_cfg)
         self.truncated += batch.num_truncated

@@ -1,6 +1,6 @@
 """The RL trainer: rollout -> rewards -> advantages -> ``num_iterations`` inner updates.
 
-One RL step (``gdsd_paper.md`` §2.1, ``DESIGN.md``):
+One RL step (the GDSD paper, arXiv 2605.29398, §2.1):
 
 1. ``P`` prompts from the Grain pipeline (this process's slice), each repeated ``G`` times.
 2. Rollout: the jitted diffusion sampler on the training mesh (one compiled program).

@@ -230,7 +230,7 @@ def prompt_numbers(numbers: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(n)) for n in numbers) + "]"
 
 
-# Evaluation prompt: longer instruction, \boxed{} answer, example "2*4-3" (gdsd_paper.md §6); exact official
+# Evaluation prompt: longer instruction, \boxed{} answer, example "2*4-3" (the GDSD paper, §6); exact official
 # wording unavailable, this text is ours (UNCONFIRMED wording).
 EVAL_INSTRUCTION = (
     "Using only the provided numbers, create an arithmetic expression that evaluates to exactly the provided "

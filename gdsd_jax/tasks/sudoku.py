@@ -245,7 +245,7 @@ Your step-by-step solving process
 """
 
 # Evaluation prompt: the official eval uses a different system prompt with "**Rules:**" and a worked example
-# (gdsd_paper.md §6); its exact wording was not available, so this text is ours (UNCONFIRMED wording). The
+# (the GDSD paper, §6); its exact wording was not available, so this text is ours (UNCONFIRMED wording). The
 # example puzzle comes from a TRAIN grid (tests check it is unique and its answer right).
 EVAL_EXAMPLE_PUZZLE = "2340403000003204"
 EVAL_EXAMPLE_SOLUTION = "2341413214233214"
