@@ -39,7 +39,7 @@ def _expected_shards(cfg, r: int, fsdp: int, tensor: int) -> dict:
 
 @pytest.mark.parametrize("fsdp,tensor", [(8, 1), (4, 2)])
 def test_every_adapter_factor_is_split_over_fsdp(fsdp, tensor):
-    from gdsd_jax.rl.lora import init_lora
+    from gdsd_jax.models.lora import init_lora
 
     cfg = tiny_llada()
     r = 16
@@ -58,7 +58,7 @@ def test_every_adapter_factor_is_split_over_fsdp(fsdp, tensor):
 
 
 def test_rank_not_divisible_by_fsdp_is_replicated_with_a_warning():
-    from gdsd_jax.rl.lora import lora_shapes, lora_shardings
+    from gdsd_jax.models.lora import lora_shapes, lora_shardings
 
     cfg = tiny_llada()
     mesh = make_mesh(data=1, fsdp=8, tensor=1)

@@ -176,7 +176,7 @@ def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
 def test_lora_forward_equals_merged_weights_and_reference_is_base():
     from gdsd_jax.models.config import tiny_dream
     from gdsd_jax.models.denoiser import init_params, logits
-    from gdsd_jax.rl.lora import init_lora, merge_lora
+    from gdsd_jax.models.lora import init_lora, merge_lora
 
     cfg = tiny_dream()
     params = init_params(cfg, jax.random.key(0))

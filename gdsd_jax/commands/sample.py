@@ -132,7 +132,7 @@ def _find_tokenizer_dir(args) -> Path | None:
 
 def load_model(path: str, mesh, dtype, compute_dtype):
     """``(params, DenoiserConfig)`` from our params checkpoint or a Hugging Face directory."""
-    from gdsd_jax.models.loading import load_denoiser
+    from gdsd_jax.loading import load_denoiser
 
     model = load_denoiser(path, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype, progress=True)
     return model.params(), model.config

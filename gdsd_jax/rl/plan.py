@@ -322,7 +322,7 @@ def abstract_inputs(trainer, mesh: Mesh) -> dict:
     from gdsd_jax.distributed.mesh import batch_sharding
     from gdsd_jax.models.denoiser import abstract_params
     from gdsd_jax.objectives.types import RolloutBatch
-    from gdsd_jax.rl.lora import lora_shapes, lora_shardings
+    from gdsd_jax.models.lora import lora_shapes, lora_shardings
 
     cfg, mcfg = trainer.cfg, trainer.model_cfg
     rep = NamedSharding(mesh, P())

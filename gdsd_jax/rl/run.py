@@ -48,7 +48,7 @@ def build_model(cfg: TrainConfig, mesh) -> tuple[DenoiserConfig, dict]:
     """Model config and parameters: from ``model.checkpoint`` (HF dir or ours) or a random preset."""
     overrides = dict(cfg.model.overrides)
     if cfg.model.checkpoint:
-        from gdsd_jax.models.loading import load_denoiser
+        from gdsd_jax.loading import load_denoiser
 
         model = load_denoiser(cfg.model.checkpoint, mesh=mesh)
         model_cfg = model.config.replace(**overrides) if overrides else model.config

@@ -37,7 +37,7 @@ from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.models.denoiser import param_shardings
-from gdsd_jax.rl import lora as lora_lib
+from gdsd_jax.models import lora as lora_lib
 from gdsd_jax.rl.config import TrainConfig
 from gdsd_jax.rl.dynamic_sampling import group_rows, groups_by_spread
 

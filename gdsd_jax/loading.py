@@ -1,4 +1,7 @@
-"""``load_denoiser``: one entry point for upstream (Hugging Face) directories and params checkpoints."""
+"""``load_denoiser``: one entry point for upstream (Hugging Face) directories and params checkpoints.
+
+It sits above ``models``, ``checkpoint`` and ``convert`` (it reads both formats into a model), so none of
+those imports another upward (see docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import os
 import jax
 from jax.sharding import Mesh
 
-from gdsd_jax.models.denoiser import Denoiser
+from gdsd_jax.checkpoint.params_io import dtype_name, is_params_checkpoint, restore_params
+from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
+from gdsd_jax.models.denoiser import Denoiser, param_shardings
 
 
 def load_denoiser(path: str | os.PathLike, mesh: Mesh | None = None, dtype=None, *, compute_dtype=None,
@@ -26,15 +31,9 @@ def load_denoiser(path: str | os.PathLike, mesh: Mesh | None = None, dtype=None,
     Returns:
       A :class:`Denoiser`; ``model(tokens [B, L], attention_mask [B, L] | None) -> aligned logits [B, L, V]``.
     """
-    from gdsd_jax.checkpoint.params_io import is_params_checkpoint, restore_params
-
     if is_params_checkpoint(path):
         params, cfg = restore_params(path, mesh=mesh, dtype=dtype)
     else:
-        from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
-        from gdsd_jax.checkpoint.params_io import dtype_name
-        from gdsd_jax.models.denoiser import param_shardings
-
         if not is_hf_checkpoint(path):
             raise FileNotFoundError(
                 f"{path}: neither a gdsd-jax params checkpoint (gdsd_checkpoint.json + params/) nor a Hugging "
@@ -56,8 +55,6 @@ def load_denoiser(path: str | os.PathLike, mesh: Mesh | None = None, dtype=None,
             node[leaf_path[-1]] = jax.device_put(arr, target)
             del arr
     if compute_dtype is not None:
-        from gdsd_jax.checkpoint.params_io import dtype_name
-
         cfg = cfg.replace(compute_dtype=dtype_name(compute_dtype))
     return Denoiser(cfg, params, mesh=mesh)
 
