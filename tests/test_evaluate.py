@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gdsd_jax.rl.evaluate import solved_fraction
+from gdsd_jax.training.evaluate import solved_fraction
 
 
 @pytest.mark.parametrize("rewards, max_reward, expected", [

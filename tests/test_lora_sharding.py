@@ -77,7 +77,7 @@ def test_sharded_lora_update_equals_the_single_device_update(tmp_path):
     same update on a 1-device mesh, to fp32 round-off of the differently ordered reductions."""
     from gdsd_jax.objectives.advantages import compute_advantages
     from gdsd_jax.objectives.types import RolloutBatch
-    from gdsd_jax.rl.run import build_model, build_task_and_adapter
+    from gdsd_jax.training.setup import build_model, build_task_and_adapter
     from gdsd_jax.rl.trainer import RLTrainer
     from tests.test_rl_trainer import tiny_cfg
 

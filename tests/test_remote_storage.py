@@ -120,7 +120,7 @@ def test_training_run_writes_and_resumes_in_a_bucket(fake_gcs, tmp_path, capsys)
     for a, b in zip(jax.tree.leaves(remote), jax.tree.leaves(local)):
         np.testing.assert_array_equal(a, b)
 
-    from gdsd_jax.rl.metrics import read_metrics
+    from gdsd_jax.training.metrics import read_metrics
     from gdsd_jax.rl.plots import plot_run
 
     assert [r["step"] for r in read_metrics(url)] == steps
@@ -176,8 +176,8 @@ def test_read_and_write_helpers_accept_strings_and_epath_objects(tmp_path, monke
     """Local paths as ``str``, ``pathlib.Path`` and ``epath.Path`` reach the same files; relative local paths
     stay relative to the working directory (as before the epath change)."""
     from gdsd_jax.checkpoint.train_state import RunCheckpointer, abstract_like
-    from gdsd_jax.rl.evaluate import EvalResult, write_eval
-    from gdsd_jax.rl.metrics import MetricsLogger, read_metrics
+    from gdsd_jax.training.evaluate import EvalResult, write_eval
+    from gdsd_jax.training.metrics import MetricsLogger, read_metrics
 
     monkeypatch.chdir(tmp_path)
     for i, d in enumerate(["rel/a", tmp_path / "b", epath.Path(tmp_path / "c"), str(tmp_path / "d")]):

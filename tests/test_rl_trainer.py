@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdsd_jax.config_io import ConfigError, build, load_config
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.config_io import ConfigError, load_config
+from gdsd_jax.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,8 @@ def test_recipe_builds_train_step_shapes(name):
 def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
     """The first call trains and writes the cache; the same settings reuse it (identical weights, no SFT);
     a different SFT setting gets its own entry; progress=False prints no SFT progress bar."""
-    from gdsd_jax.rl.run import build_mesh, build_model, warm_start
+    from gdsd_jax.sft.run import warm_start
+    from gdsd_jax.training.setup import build_mesh, build_model
 
     cfg = tiny_cfg(tmp_path, "warm_start.mode=sft", f"warm_start.cache_dir={tmp_path / 'cache'}",
                    "sft.steps=2", "sft.batch_size=8", "sft.eval_every=0")
@@ -204,7 +205,7 @@ def test_lora_forward_equals_merged_weights_and_reference_is_base():
 # ---- the update step ----------------------------------------------------------------------------
 
 def _trainer(tmp_path, *extra):
-    from gdsd_jax.rl.run import build_mesh, build_model, build_task_and_adapter
+    from gdsd_jax.training.setup import build_mesh, build_model, build_task_and_adapter
     from gdsd_jax.rl.trainer import RLTrainer
 
     cfg = tiny_cfg(tmp_path, *extra)
@@ -290,8 +291,9 @@ def test_param_dtype_sets_the_trained_weights_and_moments_stay_fp32(tmp_path, we
 
 
 def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
+    from gdsd_jax.checkpoint.train_state import RunCheckpointer
     from gdsd_jax.rl import run as run_mod
-    from gdsd_jax.rl.task_adapter import CompactAdapter
+    from gdsd_jax.training.task_adapter import CompactAdapter
     from gdsd_jax.rl.trainer import NonFiniteError
 
     calls = {"n": 0}
@@ -312,7 +314,7 @@ def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     steps = [r for r in lines if "nonfinite_updates" in r]
     assert [r["nonfinite_updates"] for r in steps] == [0, 0, 1, 1]
     # Checkpoints written before the failure are intact; the skipped updates left the parameters alone.
-    ck = run_mod.RunCheckpointer(tmp_path / "checkpoints")
+    ck = RunCheckpointer(tmp_path / "checkpoints")
     assert ck.latest_step() == 3
     ck.close()
 
@@ -403,7 +405,7 @@ def test_resume_with_a_different_model_names_the_field(tmp_path):
 def test_schedule_counts_rl_steps_whatever_num_iterations(schedule, warmup):
     """With mu optimizer updates per RL step, update c runs at the learning rate of RL step c // mu, and the
     schedule follows its closed form over RL steps (linear warm-up, then constant or half-cosine to 0)."""
-    from gdsd_jax.rl.config import OptimSection
+    from gdsd_jax.training.config import OptimSection
     from gdsd_jax.rl.trainer import update_schedule
 
     optim = OptimSection(lr=3e-4, schedule=schedule, warmup_steps=warmup)

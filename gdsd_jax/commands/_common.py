@@ -31,7 +31,7 @@ def resolve_config_path(path: str | None) -> Path:
 
 def load_train_config(args) :
     from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
+    from gdsd_jax.training.config import TrainConfig
 
     overrides = list(args.overrides)
     if args.output_dir:

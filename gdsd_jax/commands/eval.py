@@ -36,8 +36,8 @@ def run(args) -> int:
     from gdsd_jax.config_io import parse_override
     from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
     from gdsd_jax.loading import load_denoiser
-    from gdsd_jax.rl.evaluate import evaluate, write_eval
-    from gdsd_jax.rl.task_adapter import make_adapter
+    from gdsd_jax.training.evaluate import evaluate, write_eval
+    from gdsd_jax.training.task_adapter import make_adapter
     from gdsd_jax.sampling import SamplingConfig
     from gdsd_jax.tasks.base import get_task
 

@@ -131,7 +131,7 @@ def run(args) -> int:
     from gdsd_jax.commands._common import resolve_config_path
     from gdsd_jax.config_io import load_config
     from gdsd_jax.rl import plan
-    from gdsd_jax.rl.config import TrainConfig
+    from gdsd_jax.training.config import TrainConfig
 
     try:
         cfg = load_config(TrainConfig, resolve_config_path(args.config), list(args.overrides)).validate()

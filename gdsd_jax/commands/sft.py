@@ -19,7 +19,7 @@ def run(args) -> int:
 
     from gdsd_jax.checkpoint.params_io import save_params, storage_path
     from gdsd_jax.config_io import ConfigError
-    from gdsd_jax.rl.run import run_sft
+    from gdsd_jax.sft.run import run_sft
 
     try:
         cfg = load_train_config(args).validate()

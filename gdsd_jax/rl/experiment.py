@@ -474,7 +474,7 @@ def smooth(v: np.ndarray, w: int) -> np.ndarray:
 def write_run_config(spec: RunSpec, out: Path) -> Path:
     """Resolve the run's config (validated) and write it to ``RUN_DIR/run_config.yaml``."""
     from gdsd_jax.config_io import build
-    from gdsd_jax.rl.config import TrainConfig
+    from gdsd_jax.training.config import TrainConfig
 
     d = spec.run_dir(out)
     tree = apply_overrides(read_yaml(spec.config), [*spec.overrides, f"output_dir={d}"])
@@ -500,7 +500,7 @@ def _finish(spec: RunSpec, out: Path, wall: float, keep_checkpoints: bool) -> No
 
 def run_inprocess(config_path: Path, progress: bool) -> None:
     from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
+    from gdsd_jax.training.config import TrainConfig
     from gdsd_jax.rl.run import run_train
 
     cfg = load_config(TrainConfig, config_path)
@@ -571,8 +571,9 @@ def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=pr
     """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start)."""
     from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params
     from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
-    from gdsd_jax.rl.run import build_mesh, build_model, warm_start
+    from gdsd_jax.training.config import TrainConfig
+    from gdsd_jax.sft.run import warm_start
+    from gdsd_jax.training.setup import build_mesh, build_model
 
     paths = {}
     for task in tasks:

@@ -58,7 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gdsd_jax.config_io import ConfigError
 from gdsd_jax.models.config import DenoiserConfig, REMAT_POLICIES, dtype_from_name, preset
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.training.config import TrainConfig
 
 GIB = 2 ** 30
 

@@ -11,7 +11,7 @@ import numpy as np
 from etils import epath
 
 from gdsd_jax.checkpoint.params_io import storage_path
-from gdsd_jax.rl.metrics import read_metrics
+from gdsd_jax.training.metrics import read_metrics
 
 
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:

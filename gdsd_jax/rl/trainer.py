@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,13 +30,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gdsd_jax.config_io import to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
 from gdsd_jax.models.config import DenoiserConfig
-from gdsd_jax.models.denoiser import param_shardings
 from gdsd_jax.models import lora as lora_lib
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.training.config import TrainConfig
 from gdsd_jax.rl.dynamic_sampling import group_rows, groups_by_spread
 
 

@@ -27,6 +27,12 @@ from tqdm.auto import tqdm
 from gdsd_jax.checkpoint.params_io import is_remote, storage_path
 
 
+def log(msg: str) -> None:
+    """One console line from process 0, printed above any progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(msg, file=sys.stdout)
+
+
 def _clean(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()
