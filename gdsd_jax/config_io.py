@@ -7,6 +7,7 @@ key or a value of the wrong type fails at start with the full dotted key in the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -37,8 +38,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
     """Return a copy of ``tree`` with dotted ``key=value`` overrides applied."""
-    import copy
-
     out = copy.deepcopy(tree)
     for item in overrides:
         path, value = parse_override(item)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gdsd_jax.config_io import load_config
+
 DEFAULT_CONFIG = "configs/sudoku_tiny.yaml"
 
 
@@ -30,7 +32,6 @@ def resolve_config_path(path: str | None) -> Path:
 
 
 def load_train_config(args) :
-    from gdsd_jax.config_io import load_config
     from gdsd_jax.training.config import TrainConfig
 
     overrides = list(args.overrides)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from gdsd_jax.commands._common import add_config_arguments, load_train_config
+from gdsd_jax.config_io import ConfigError
 
 HELP = "masked-diffusion supervised fine-tuning (warm starts)"
 
@@ -18,7 +19,6 @@ def run(args) -> int:
     import jax
 
     from gdsd_jax.checkpoint.params_io import save_params, storage_path
-    from gdsd_jax.config_io import ConfigError
     from gdsd_jax.sft.run import run_sft
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gdsd_jax.commands._common import add_config_arguments, load_train_config
+from gdsd_jax.config_io import ConfigError
 
 HELP = "RL post-training (GDSD and baselines)"
 
@@ -17,7 +18,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from gdsd_jax.config_io import ConfigError
     from gdsd_jax.rl.run import run_train
 
     extra = []

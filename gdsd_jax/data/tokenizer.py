@@ -237,7 +237,7 @@ def _config_mask_id(directory: Path) -> int | None:
 
 
 def _from_pretrained(directory: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy, and only real (non-character) tokenizers need it
 
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
 

@@ -36,8 +36,15 @@ from jax import lax
 from jax.sharding import Mesh
 
 from gdsd_jax.distributed.mesh import constrain
-from gdsd_jax.objectives.loglik import (_dynamic_slice, _over_positions, _over_vocab, acc_dtype, head_backward,
-                                        head_logits, vocab_mean_logit)
+from gdsd_jax.objectives.loglik import (
+    _dynamic_slice,
+    _over_positions,
+    _over_vocab,
+    acc_dtype,
+    head_backward,
+    head_logits,
+    vocab_mean_logit,
+)
 
 
 def teacher_sequence_target(ell_old: jax.Array, advantages: jax.Array, length, *, psi: float, beta: float = 0.0,

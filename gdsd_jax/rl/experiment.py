@@ -40,10 +40,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 import yaml
+from tqdm.auto import tqdm
 
-from gdsd_jax.config_io import ConfigError, apply_overrides, parse_override, read_yaml, to_dict
+from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params
+from gdsd_jax.config_io import ConfigError, apply_overrides, build, load_config, parse_override, read_yaml, to_dict
+from gdsd_jax.rl.run import run_train
+from gdsd_jax.sft.run import warm_start
+from gdsd_jax.training.config import TrainConfig
+from gdsd_jax.training.setup import build_mesh, build_model
 
 TAIL = 10  # steps averaged for "final rollout reward" and the selection tie-break
 
@@ -473,8 +480,6 @@ def smooth(v: np.ndarray, w: int) -> np.ndarray:
 
 def write_run_config(spec: RunSpec, out: Path) -> Path:
     """Resolve the run's config (validated) and write it to ``RUN_DIR/run_config.yaml``."""
-    from gdsd_jax.config_io import build
-    from gdsd_jax.training.config import TrainConfig
 
     d = spec.run_dir(out)
     tree = apply_overrides(read_yaml(spec.config), [*spec.overrides, f"output_dir={d}"])
@@ -499,9 +504,6 @@ def _finish(spec: RunSpec, out: Path, wall: float, keep_checkpoints: bool) -> No
 
 
 def run_inprocess(config_path: Path, progress: bool) -> None:
-    from gdsd_jax.config_io import load_config
-    from gdsd_jax.training.config import TrainConfig
-    from gdsd_jax.rl.run import run_train
 
     cfg = load_config(TrainConfig, config_path)
     run_train(cfg, resume=True, progress=progress)
@@ -522,8 +524,6 @@ def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: boo
             keep_checkpoints: bool = False, env: dict | None = None,
             runner: Callable[[Path], None] | None = None, say: Callable[[str], None] = print) -> list[str]:
     """Run every unfinished spec; returns the error messages of failed runs (the others still run)."""
-    from tqdm.auto import tqdm
-
     todo = [s for s in specs if not is_finished(s.run_dir(out))]
     if len(specs) > len(todo):
         say(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; skipping them")
@@ -569,11 +569,6 @@ def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: boo
 def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=print,
                         progress: bool = True) -> dict[str, Path]:
     """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start)."""
-    from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params
-    from gdsd_jax.config_io import load_config
-    from gdsd_jax.training.config import TrainConfig
-    from gdsd_jax.sft.run import warm_start
-    from gdsd_jax.training.setup import build_mesh, build_model
 
     paths = {}
     for task in tasks:
@@ -650,7 +645,7 @@ def _group_stats(specs: Sequence[RunSpec], out: Path) -> dict:
 
 def plot_groups(groups: dict[str, dict], path: Path, title: str, extra_key: str | None = None) -> Path:
     """One PNG: rollout reward (smoothed per seed) and greedy test reward vs step, mean ± std over seeds."""
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only plotting needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -892,8 +887,6 @@ def run_experiment(path: str | Path, *, only: Sequence[str] | None = None, jobs:
     out.mkdir(parents=True, exist_ok=True)
     env = {}
     if exp.compilation_cache:
-        import jax
-
         jax.config.update("jax_compilation_cache_dir", exp.compilation_cache)
         env["JAX_COMPILATION_CACHE_DIR"] = exp.compilation_cache
     warm = prepare_warm_starts(exp, out, tasks, say, progress=progress)

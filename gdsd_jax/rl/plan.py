@@ -45,7 +45,9 @@ functions (rollout, statistics) are compiled once per mode and reused for every 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,10 +56,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
+from gdsd_jax.checkpoint.params_io import is_params_checkpoint, read_config
 from gdsd_jax.config_io import ConfigError
-from gdsd_jax.models.config import DenoiserConfig, REMAT_POLICIES, dtype_from_name, preset
+from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
+from gdsd_jax.distributed.mesh import batch_sharding, make_mesh, parse_mesh_spec
+from gdsd_jax.models.config import REMAT_POLICIES, DenoiserConfig, dtype_from_name, preset
+from gdsd_jax.models.denoiser import abstract_params
+from gdsd_jax.models.lora import lora_shapes, lora_shardings
+from gdsd_jax.objectives.types import RolloutBatch
+from gdsd_jax.rl.trainer import RLTrainer
 from gdsd_jax.training.config import TrainConfig
 
 GIB = 2 ** 30
@@ -90,8 +101,6 @@ _TPU_TOPOLOGY = {
 
 def require_libtpu(target: str) -> None:
     """Raise a clear error when ``target`` is a TPU generation and the TPU compiler (libtpu) is not installed."""
-    import importlib.util
-
     if target == "cpu":
         return
     try:
@@ -107,9 +116,7 @@ def require_libtpu(target: str) -> None:
 def tpu_devices(generation: str, num_devices: int) -> list:
     """Abstract devices of a TPU slice with ``num_devices`` chips, for deviceless ahead-of-time compilation
     (``jax.experimental.topologies``; the TPU compiler comes from the ``libtpu`` package, no TPU is needed)."""
-    import os
-
-    from jax.experimental.topologies import get_topology_desc
+    from jax.experimental.topologies import get_topology_desc  # lazy: only the TPU target plans need it
 
     if generation not in _TPU_TOPOLOGY:
         raise ValueError(f"TPU generation {generation!r}; expected one of {sorted(_TPU_TOPOLOGY)}")
@@ -151,8 +158,6 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
         ckpt = cfg.model.checkpoint
         base = None
         if ckpt and Path(ckpt).exists():
-            from gdsd_jax.checkpoint.params_io import is_params_checkpoint, read_config
-            from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
 
             if is_params_checkpoint(ckpt):
                 base, source = read_config(ckpt), f"checkpoint {ckpt}"
@@ -199,8 +204,6 @@ def auto_mesh(num_devices: int, cfg: TrainConfig, model_cfg: DenoiserConfig) -> 
 def mesh_from_spec(spec: str | None, num_devices: int, cfg: TrainConfig, model_cfg: DenoiserConfig,
                    devices: Sequence | None = None) -> Mesh:
     """``"auto"``/None -> :func:`auto_mesh`; ``"recipe"`` -> ``distributed.mesh``; else ``data=..,fsdp=..``."""
-    from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
-
     devs = list(devices if devices is not None else jax.devices())[:num_devices]
     if len(devs) < num_devices:
         raise ValueError(f"{num_devices} devices requested but only {len(devs)} are available")
@@ -319,10 +322,6 @@ def _mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
 
 def abstract_inputs(trainer, mesh: Mesh) -> dict:
     """Abstract (sharded) state, frozen tree, prompts, batch and advantages of ``trainer``'s RL step."""
-    from gdsd_jax.distributed.mesh import batch_sharding
-    from gdsd_jax.models.denoiser import abstract_params
-    from gdsd_jax.objectives.types import RolloutBatch
-    from gdsd_jax.models.lora import lora_shapes, lora_shardings
 
     cfg, mcfg = trainer.cfg, trainer.model_cfg
     rep = NamedSharding(mesh, P())
@@ -379,10 +378,6 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
       progress: tqdm bar over the compilations.
       log: called with one line per compiled function (name, seconds).
     """
-    from tqdm.auto import tqdm
-
-    from gdsd_jax.rl.trainer import RLTrainer
-
     for r in remats:
         if r not in REMAT_POLICIES:
             raise ValueError(f"remat {r!r}; expected one of {REMAT_POLICIES}")

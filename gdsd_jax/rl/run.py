@@ -22,7 +22,6 @@ from gdsd_jax.training.evaluate import EvalResult, evaluate, write_eval
 from gdsd_jax.training.metrics import MetricsLogger, log
 from gdsd_jax.training.setup import build_mesh, build_model, build_task_and_adapter, eval_examples, index_iterator
 
-
 # ---- RL -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass

@@ -11,13 +11,17 @@ Usage::
 See ``docs/sampling.md`` for the algorithms and where they differ from the upstream PyTorch code.
 """
 
+from gdsd_jax.sampling.api import check_inputs, generate, generate_jit
 from gdsd_jax.sampling.common import SampleOutput, completion_mask
 from gdsd_jax.sampling.config import ALGORITHMS, REMASKING, SAMPLERS, SamplingConfig
 from gdsd_jax.sampling.dream import dream_generate, sample_tokens
-from gdsd_jax.sampling.api import check_inputs, generate, generate_jit
 from gdsd_jax.sampling.llada import llada_generate
-from gdsd_jax.sampling.schedules import (dream_origin_probs, dream_timesteps, dream_transfer_schedule,
-                                         llada_transfer_schedule)
+from gdsd_jax.sampling.schedules import (
+                                         dream_origin_probs,
+                                         dream_timesteps,
+                                         dream_transfer_schedule,
+                                         llada_transfer_schedule,
+)
 
 __all__ = [
     "ALGORITHMS", "REMASKING", "SAMPLERS", "SampleOutput", "SamplingConfig", "check_inputs", "completion_mask",

@@ -25,8 +25,7 @@ from jax.sharding import Mesh
 from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
-from gdsd_jax.sampling.common import (NEG_INF, gumbel_argmax, select_top, set_columns, top_k_filter,
-                                      top_p_filter)
+from gdsd_jax.sampling.common import NEG_INF, gumbel_argmax, select_top, set_columns, top_k_filter, top_p_filter
 from gdsd_jax.sampling.config import SamplingConfig
 from gdsd_jax.sampling.schedules import dream_origin_probs, dream_transfer_schedule
 

@@ -84,7 +84,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional (the data extra), only for .parquet files
     except ImportError:
         raise DataError(path, None, None, "reading Parquet needs the 'pyarrow' package (pip install pyarrow), "
                         "or convert the file to JSONL") from None

@@ -13,6 +13,8 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 from gdsd_jax.config_io import ConfigError
+from gdsd_jax.objectives import ObjectiveConfig
+from gdsd_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,7 +150,6 @@ class TrainConfig:
     tensorboard: bool = True
 
     def sampling_config(self, **extra):
-        from gdsd_jax.sampling import SamplingConfig
         try:
             return SamplingConfig(**{**self.sampling, **extra})
         except (TypeError, ValueError) as e:
@@ -158,7 +159,6 @@ class TrainConfig:
         return self.sampling_config(**self.eval.sampling)
 
     def objective_config(self):
-        from gdsd_jax.objectives import ObjectiveConfig
         try:
             return ObjectiveConfig(**self.objective)
         except (TypeError, ValueError) as e:

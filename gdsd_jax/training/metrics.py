@@ -75,7 +75,7 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # lazy: heavy, and only with tensorboard=True
 
             if self.remote:
                 # tensorboardX writes remote event files through google-cloud-storage (gs://) or boto3 (s3://)

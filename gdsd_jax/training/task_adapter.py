@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gdsd_jax.tasks.base import Task
+from gdsd_jax.tasks.base import Task, score_batch
+from gdsd_jax.tasks.prompts import PromptConfig, build_prompts
 
 
 @dataclasses.dataclass
@@ -79,8 +80,6 @@ class ChatAdapter:
 
     def __init__(self, task: Task, tokenizer, prompt_length: int, *, split: str = "train", truncate: str = "left",
                  reward_weights: dict[str, float] | None = None):
-        from gdsd_jax.tasks.prompts import PromptConfig
-
         self.task = task
         self.tok = tokenizer
         self.prompt_length = prompt_length
@@ -90,8 +89,6 @@ class ChatAdapter:
         self.truncated = 0
 
     def encode(self, examples: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-        from gdsd_jax.tasks.prompts import build_prompts
-
         batch = build_prompts(self.task, examples, self.tok, self.prompt_cfg)
         self.truncated += batch.num_truncated
         return batch.prompt_ids, batch.prompt_mask
@@ -105,8 +102,6 @@ class ChatAdapter:
         return out
 
     def score(self, completion_ids: np.ndarray, completion_mask: np.ndarray, examples: Sequence[dict]) -> Scores:
-        from gdsd_jax.tasks.base import score_batch
-
         texts = self.decode(completion_ids, completion_mask)
         total, per_fn, failures = score_batch(self.task, texts, list(examples))
         if self.reward_weights:  # rl.reward_weights overrides the recipe's weights by function name
