@@ -77,8 +77,8 @@ def test_sharded_lora_update_equals_the_single_device_update(tmp_path):
     same update on a 1-device mesh, to fp32 round-off of the differently ordered reductions."""
     from gdsd_jax.objectives.advantages import compute_advantages
     from gdsd_jax.objectives.types import RolloutBatch
-    from gdsd_jax.training.setup import build_model, build_task_and_adapter
     from gdsd_jax.rl.trainer import RLTrainer
+    from gdsd_jax.training.setup import build_model, build_task_and_adapter
     from tests.test_rl_trainer import tiny_cfg
 
     cfg = tiny_cfg(tmp_path, "lora.enabled=true", "lora.rank=8", "objective.beta=0.01", "rl.micro_batch_size=16")

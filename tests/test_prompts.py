@@ -5,9 +5,10 @@ import logging
 import numpy as np
 import pytest
 
-from gdsd_jax.tasks.prompts import PromptConfig, build_prompts, filter_examples, left_pad, prompt_text
 from gdsd_jax.data.tokenizer import ascii_tokenizer
 from gdsd_jax.tasks import get_task
+from gdsd_jax.tasks.prompts import PromptConfig, build_prompts, filter_examples, left_pad, prompt_text
+
 
 def test_left_pad_by_hand():
     ids, mask, truncated = left_pad([[5, 6], [1, 2, 3, 4, 5, 6], []], 4, pad_id=0)

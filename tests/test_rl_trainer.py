@@ -106,7 +106,7 @@ def test_all_recipes_present():
 def test_recipe_builds_train_step_shapes(name):
     """Every recipe validates and its real update step traces on an abstract 8-device mesh (no weights)."""
     from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
-    from gdsd_jax.models.config import llada_8b, dream_7b
+    from gdsd_jax.models.config import dream_7b, llada_8b
     from gdsd_jax.models.denoiser import abstract_params
     from gdsd_jax.objectives.types import RolloutBatch
     from gdsd_jax.rl.trainer import RLTrainer
@@ -205,8 +205,8 @@ def test_lora_forward_equals_merged_weights_and_reference_is_base():
 # ---- the update step ----------------------------------------------------------------------------
 
 def _trainer(tmp_path, *extra):
-    from gdsd_jax.training.setup import build_mesh, build_model, build_task_and_adapter
     from gdsd_jax.rl.trainer import RLTrainer
+    from gdsd_jax.training.setup import build_mesh, build_model, build_task_and_adapter
 
     cfg = tiny_cfg(tmp_path, *extra)
     mesh = build_mesh(cfg)
@@ -293,8 +293,8 @@ def test_param_dtype_sets_the_trained_weights_and_moments_stay_fp32(tmp_path, we
 def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     from gdsd_jax.checkpoint.train_state import RunCheckpointer
     from gdsd_jax.rl import run as run_mod
-    from gdsd_jax.training.task_adapter import CompactAdapter
     from gdsd_jax.rl.trainer import NonFiniteError
+    from gdsd_jax.training.task_adapter import CompactAdapter
 
     calls = {"n": 0}
     original = CompactAdapter.score
@@ -405,8 +405,8 @@ def test_resume_with_a_different_model_names_the_field(tmp_path):
 def test_schedule_counts_rl_steps_whatever_num_iterations(schedule, warmup):
     """With mu optimizer updates per RL step, update c runs at the learning rate of RL step c // mu, and the
     schedule follows its closed form over RL steps (linear warm-up, then constant or half-cosine to 0)."""
-    from gdsd_jax.training.config import OptimSection
     from gdsd_jax.rl.trainer import update_schedule
+    from gdsd_jax.training.config import OptimSection
 
     optim = OptimSection(lr=3e-4, schedule=schedule, warmup_steps=warmup)
     total, mu = 100, 4

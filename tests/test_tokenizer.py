@@ -67,7 +67,8 @@ TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}
 
 
 def _build(directory, *, mask_token="<|mdm_mask|>", chat_template=TEMPLATE, config=None):
-    from tokenizers import AddedToken, Tokenizer as RawTokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
     raw = RawTokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))

@@ -144,7 +144,7 @@ SUDOKU_SEP, SUDOKU_MASK, SUDOKU_EOS = 5, 6, 7
 
 
 def sudoku_tokenizer() -> CharTokenizer:
-    """Vocabulary 8 of the tiny Sudoku model (``models.config.sudoku_tiny``)."""
+    """Vocabulary 8 of the tiny Sudoku model (``configs/sudoku_tiny.yaml``)."""
     pieces = {i: str(i) for i in range(5)}
     pieces.update({SUDOKU_SEP: "|", SUDOKU_MASK: "?", SUDOKU_EOS: "$"})
     return CharTokenizer(pieces, {"sep": SUDOKU_SEP, "mask": SUDOKU_MASK, "eos": SUDOKU_EOS}, name="sudoku")

@@ -194,7 +194,7 @@ class GDSDLogit(Objective):
     def loss(self, params, model_cfg, batch, masks, old_stats, ref_stats, advantages, cfg, *, lora=None,
              mesh=None):
         self._check(cfg, batch, advantages)
-        losses._check_ref(cfg.beta, ref_stats)
+        losses.check_ref(cfg.beta, ref_stats)
         is_mask = masks["is_mask"]
         b, m, length = is_mask.shape
         w = params["lm_head"]
