@@ -480,7 +480,6 @@ def smooth(v: np.ndarray, w: int) -> np.ndarray:
 
 def write_run_config(spec: RunSpec, out: Path) -> Path:
     """Resolve the run's config (validated) and write it to ``RUN_DIR/run_config.yaml``."""
-
     d = spec.run_dir(out)
     tree = apply_overrides(read_yaml(spec.config), [*spec.overrides, f"output_dir={d}"])
     cfg = build(TrainConfig, tree).validate()
@@ -504,7 +503,6 @@ def _finish(spec: RunSpec, out: Path, wall: float, keep_checkpoints: bool) -> No
 
 
 def run_inprocess(config_path: Path, progress: bool) -> None:
-
     cfg = load_config(TrainConfig, config_path)
     run_train(cfg, resume=True, progress=progress)
 
@@ -569,7 +567,6 @@ def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: boo
 def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=print,
                         progress: bool = True) -> dict[str, Path]:
     """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start)."""
-
     paths = {}
     for task in tasks:
         t = exp.tasks[task]

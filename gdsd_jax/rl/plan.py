@@ -158,7 +158,6 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
         ckpt = cfg.model.checkpoint
         base = None
         if ckpt and Path(ckpt).exists():
-
             if is_params_checkpoint(ckpt):
                 base, source = read_config(ckpt), f"checkpoint {ckpt}"
             elif is_hf_checkpoint(ckpt):
@@ -322,7 +321,6 @@ def _mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
 
 def abstract_inputs(trainer, mesh: Mesh) -> dict:
     """Abstract (sharded) state, frozen tree, prompts, batch and advantages of ``trainer``'s RL step."""
-
     cfg, mcfg = trainer.cfg, trainer.model_cfg
     rep = NamedSharding(mesh, P())
     params = abstract_params(mcfg, mesh)
