@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from gdsd_jax.config_io import load_config
-from gdsd_jax.data.tokenizer import sudoku_tokenizer
 from gdsd_jax.models.config import preset
 from gdsd_jax.tasks import get_task, score_batch
 from gdsd_jax.tasks import sudoku as S
@@ -179,7 +178,7 @@ def test_eval_prompt_example_is_a_valid_train_puzzle():
 # ---- compact format ----
 
 def test_compact_format_ids():
-    tok = sudoku_tokenizer()
+    tok = S.sudoku_tokenizer()
     run = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs/sudoku_tiny.yaml")
     cfg = preset(run.model.preset, **run.model.overrides)      # the embedded default's model
     assert (tok.vocab_size, tok.mask_id, tok.eos_id, tok.pad_id, tok.sep_id) == (8, 6, 7, 7, 5)

@@ -10,11 +10,11 @@ from gdsd_jax.data.tokenizer import (
     HFTokenizer,
     Tokenizer,
     ascii_tokenizer,
-    countdown_tokenizer,
     load_tokenizer,
-    sudoku_tokenizer,
 )
 from gdsd_jax.models.config import tiny_dream, tiny_llada
+from gdsd_jax.tasks.countdown import countdown_tokenizer
+from gdsd_jax.tasks.sudoku import sudoku_tokenizer
 
 
 def test_sudoku_tokenizer_ids_and_roundtrip():

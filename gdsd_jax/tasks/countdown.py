@@ -26,17 +26,26 @@ from pathlib import Path
 
 import numpy as np
 
-from gdsd_jax.data.tokenizer import (
-    COUNTDOWN_CHARS,
-    COUNTDOWN_EOS,
-    COUNTDOWN_SEP,
-    countdown_tokenizer,
-)
+from gdsd_jax.data.tokenizer import CharTokenizer
 from gdsd_jax.tasks import arith
 from gdsd_jax.tasks.base import Task, WeightedReward
 from gdsd_jax.tasks.files import is_int, is_int_list, load_rows, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import XML_FORMAT, boxed_contents, last_answer_tag
+
+#: Compact Countdown ids: digits 0-9, ``+ - * / ( )`` = 10..15, ``,`` = 16, SEP 17 (``|``), MASK 18 (``?``),
+#: EOS/PAD 19 (``$``).
+COUNTDOWN_CHARS = "0123456789+-*/(),"
+COUNTDOWN_SEP, COUNTDOWN_MASK, COUNTDOWN_EOS = 17, 18, 19
+
+
+def countdown_tokenizer() -> CharTokenizer:
+    """Vocabulary 20 of the compact Countdown format."""
+    pieces = {i: ch for i, ch in enumerate(COUNTDOWN_CHARS)}
+    pieces.update({COUNTDOWN_SEP: "|", COUNTDOWN_MASK: "?", COUNTDOWN_EOS: "$"})
+    return CharTokenizer(pieces, {"sep": COUNTDOWN_SEP, "mask": COUNTDOWN_MASK, "eos": COUNTDOWN_EOS},
+                         name="countdown")
+
 
 MIN_NUMBER, MAX_NUMBER = 1, 99
 MIN_TARGET, MAX_TARGET = 1, 99

@@ -26,11 +26,22 @@ from pathlib import Path
 
 import numpy as np
 
-from gdsd_jax.data.tokenizer import SUDOKU_SEP, sudoku_tokenizer
+from gdsd_jax.data.tokenizer import CharTokenizer
 from gdsd_jax.tasks.base import Task, WeightedReward
 from gdsd_jax.tasks.files import DataError, load_rows, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import last_answer_tag
+
+#: Compact Sudoku ids: digits 0-4 (0 = blank), SEP 5 (``|``), MASK 6 (``?``), EOS/PAD 7 (``$``).
+SUDOKU_SEP, SUDOKU_MASK, SUDOKU_EOS = 5, 6, 7
+
+
+def sudoku_tokenizer() -> CharTokenizer:
+    """Vocabulary 8 of the tiny Sudoku model (``configs/sudoku_tiny.yaml``)."""
+    pieces = {i: str(i) for i in range(5)}
+    pieces.update({SUDOKU_SEP: "|", SUDOKU_MASK: "?", SUDOKU_EOS: "$"})
+    return CharTokenizer(pieces, {"sep": SUDOKU_SEP, "mask": SUDOKU_MASK, "eos": SUDOKU_EOS}, name="sudoku")
+
 
 NUM_CELLS = 16
 MIN_BLANKS, MAX_BLANKS = 6, 10
