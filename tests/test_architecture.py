@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "distributed": set(),
     "data": set(),
     "models": {"distributed"},
-    "tasks": {"data"},
+    "tasks": {"data", "models"},
     "sampling": {"models", "distributed"},
     "objectives": {"models", "distributed"},
     "checkpoint": {"models"},

@@ -21,8 +21,7 @@ TINY = REPO / "configs/sudoku_tiny.yaml"
 # learned absolute positions [64, D], fp32 parameters.
 D, N, H, DH, F, V, MAXLEN = 64, 3, 4, 16, 256, 8, 64
 MODEL = (f"model.overrides={{hidden_size: {D}, num_layers: {N}, num_heads: {H}, num_kv_heads: {H}, head_dim: {DH}, "
-         f"mlp_dim: {F}, max_seq_len: {MAXLEN}, learned_positions: true, param_dtype: float32, vocab_size: {V}, "
-         f"mask_token_id: 6, eos_token_id: 7, pad_token_id: 7}}")
+         f"mlp_dim: {F}, max_seq_len: {MAXLEN}, learned_positions: true, param_dtype: float32}}")
 # 8 rows per step in one micro-batch: one row per device on the 8-device mesh (fast to compile).
 SMALL = [MODEL, "rl.prompts_per_step=2", "rl.num_generations=4", "rl.micro_batch_size=8"]
 

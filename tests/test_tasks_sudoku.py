@@ -4,16 +4,12 @@ branches, compact format."""
 import collections
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from gdsd_jax.config_io import load_config
-from gdsd_jax.models.config import preset
 from gdsd_jax.tasks import get_task, score_batch
 from gdsd_jax.tasks import sudoku as S
 from gdsd_jax.tasks.files import DataError
-from gdsd_jax.training.config import TrainConfig
 
 # ---- independent reference: a backtracking solver that lists every solution ----
 
@@ -179,8 +175,7 @@ def test_eval_prompt_example_is_a_valid_train_puzzle():
 
 def test_compact_format_ids():
     tok = S.sudoku_tokenizer()
-    run = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs/sudoku_tiny.yaml")
-    cfg = preset(run.model.preset, **run.model.overrides)      # the embedded default's model
+    cfg = S.tiny_model()
     assert (tok.vocab_size, tok.mask_id, tok.eos_id, tok.pad_id, tok.sep_id) == (8, 6, 7, 7, 5)
     assert (cfg.vocab_size, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id) == (8, 6, 7, 7)
     ex = _example(PUZZLE, SOLUTION)

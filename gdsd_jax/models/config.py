@@ -200,12 +200,3 @@ PRESETS = {
     "tiny_llada": tiny_llada,
     "tiny_dream": tiny_dream,
 }
-
-
-def preset(name: str, **overrides) -> DenoiserConfig:
-    """Look up a preset by name, e.g. ``preset("llada_8b", remat="full")``."""
-    try:
-        fn = PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}") from None
-    return fn(**overrides)

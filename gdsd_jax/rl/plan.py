@@ -64,12 +64,13 @@ from gdsd_jax.checkpoint.params_io import is_params_checkpoint, read_config
 from gdsd_jax.config_io import ConfigError
 from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
 from gdsd_jax.distributed.mesh import batch_sharding, make_mesh, parse_mesh_spec
-from gdsd_jax.models.config import REMAT_POLICIES, DenoiserConfig, dtype_from_name, preset
+from gdsd_jax.models.config import REMAT_POLICIES, DenoiserConfig, dtype_from_name
 from gdsd_jax.models.denoiser import abstract_params
 from gdsd_jax.models.lora import lora_shapes, lora_shardings
 from gdsd_jax.objectives.types import RolloutBatch
 from gdsd_jax.rl.trainer import RLTrainer
 from gdsd_jax.training.config import TrainConfig
+from gdsd_jax.training.setup import model_preset
 
 GIB = 2 ** 30
 
@@ -151,9 +152,9 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
       (model config, a short description of where it came from).
     """
     if preset_name:
-        base, source = preset(preset_name), f"preset {preset_name}"
+        base, source = model_preset(preset_name), f"preset {preset_name}"
     elif cfg.model.preset:
-        base, source = preset(cfg.model.preset), f"preset {cfg.model.preset}"
+        base, source = model_preset(cfg.model.preset), f"preset {cfg.model.preset}"
     else:
         ckpt = cfg.model.checkpoint
         base = None
@@ -165,9 +166,9 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
         if base is None:
             name = Path(str(ckpt)).name.lower()
             if "llada" in name:
-                base, source = preset("llada_8b", param_dtype="bfloat16"), "llada_8b (bf16, from the checkpoint name)"
+                base, source = model_preset("llada_8b", param_dtype="bfloat16"), "llada_8b (bf16, from the checkpoint name)"
             elif "dream" in name:
-                base, source = preset("dream_7b", param_dtype="bfloat16"), "dream_7b (bf16, from the checkpoint name)"
+                base, source = model_preset("dream_7b", param_dtype="bfloat16"), "dream_7b (bf16, from the checkpoint name)"
             else:
                 raise ConfigError(f"model.checkpoint={ckpt!r} is not available here and its name names no known "
                                   "family; pass --preset (e.g. llada_8b or dream_7b)")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gdsd_jax.data.tokenizer import CharTokenizer
+from gdsd_jax.models.config import DenoiserConfig, tiny_llada
 from gdsd_jax.tasks.base import Task, WeightedReward
 from gdsd_jax.tasks.files import DataError, load_rows, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
@@ -41,6 +42,15 @@ def sudoku_tokenizer() -> CharTokenizer:
     pieces = {i: str(i) for i in range(5)}
     pieces.update({SUDOKU_SEP: "|", SUDOKU_MASK: "?", SUDOKU_EOS: "$"})
     return CharTokenizer(pieces, {"sep": SUDOKU_SEP, "mask": SUDOKU_MASK, "eos": SUDOKU_EOS}, name="sudoku")
+
+
+def tiny_model(**overrides) -> DenoiserConfig:
+    """The ``sudoku_tiny`` model preset of the embedded default: a ~150k-parameter LLaDA-family denoiser
+    (width 64, 3 layers, SwiGLU 256) over the compact Sudoku vocabulary above."""
+    cfg = dict(vocab_size=8, num_layers=3, mlp_dim=256, rope_theta=10000.0, mask_token_id=SUDOKU_MASK,
+               eos_token_id=SUDOKU_EOS, pad_token_id=SUDOKU_EOS, max_seq_len=64)
+    cfg.update(overrides)
+    return tiny_llada(**cfg)
 
 
 NUM_CELLS = 16

@@ -20,7 +20,7 @@ from gdsd_jax.sampling import SamplingConfig
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
     """Where the denoiser comes from: a preset (random init) or a checkpoint (HF dir or ours)."""
-    preset: str | None = None           # a name of gdsd_jax.models.config.PRESETS
+    preset: str | None = "sudoku_tiny"
     checkpoint: str | None = None
     tokenizer: str | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -195,9 +195,6 @@ class TrainConfig:
                               f"after the warm-up); lower it or set optim.schedule=constant")
         if self.model.preset is None and self.model.checkpoint is None:
             raise ConfigError("model: set model.preset or model.checkpoint")
-        if self.model.preset == "sudoku_tiny":
-            raise ConfigError("model.preset=sudoku_tiny was removed (models know no tasks): the tiny Sudoku model "
-                              "is preset tiny_llada with the overrides in configs/sudoku_tiny.yaml")
         if self.lora.enabled and self.lora.rank <= 0:
             raise ConfigError(f"lora.rank must be positive, got {self.lora.rank}")
         self.sampling_config()

@@ -11,11 +11,25 @@ from gdsd_jax.data.tokenizer import load_tokenizer
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
 from gdsd_jax.loading import load_denoiser
-from gdsd_jax.models.config import DenoiserConfig, preset
+from gdsd_jax.models.config import PRESETS, DenoiserConfig
 from gdsd_jax.models.denoiser import init_params
+from gdsd_jax.tasks import sudoku
 from gdsd_jax.tasks.base import get_task
 from gdsd_jax.training.config import TrainConfig
 from gdsd_jax.training.task_adapter import make_adapter
+
+#: Model presets by name: the architectures of gdsd_jax.models and the tiny models of the compact task formats
+#: (their vocabularies are the tasks').
+MODEL_PRESETS = {**PRESETS, "sudoku_tiny": sudoku.tiny_model}
+
+
+def model_preset(name: str, **overrides) -> DenoiserConfig:
+    """The model config of preset ``name`` (see :data:`MODEL_PRESETS`) with ``overrides``."""
+    try:
+        fn = MODEL_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {sorted(MODEL_PRESETS)}") from None
+    return fn(**overrides)
 
 
 def build_mesh(cfg: TrainConfig):
@@ -30,7 +44,7 @@ def build_model(cfg: TrainConfig, mesh) -> tuple[DenoiserConfig, dict]:
         model_cfg = model.config.replace(**overrides) if overrides else model.config
         return model_cfg, model.params()
     try:
-        model_cfg = preset(cfg.model.preset, **overrides)
+        model_cfg = model_preset(cfg.model.preset, **overrides)
     except TypeError as e:
         raise ConfigError(f"model.overrides: {e}") from None
     return model_cfg, init_params(model_cfg, jax.random.key(cfg.rl.seed + 17), mesh)
