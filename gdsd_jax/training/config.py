@@ -1,7 +1,7 @@
 """Run configuration of RL training, SFT and evaluation (one YAML file per run, see ``configs/``).
 
-Every setting of the official GDSD recipes (the GDSD paper, arXiv 2605.29398, §5.1) is a field here. Sections whose
-fields belong to another module (``sampling`` -> :class:`gdsd_jax.sampling.SamplingConfig`,
+Every setting of the official GDSD recipes (the GDSD paper, arXiv 2605.29398, §5.1) is a field here.
+Sections whose fields belong to another module (``sampling`` -> :class:`gdsd_jax.sampling.SamplingConfig`,
 ``objective`` -> :class:`gdsd_jax.objectives.ObjectiveConfig`) are kept as mappings in the file and
 validated by constructing those classes in :meth:`TrainConfig.validate`, so a wrong key still fails at
 start naming the key.
