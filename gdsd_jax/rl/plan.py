@@ -166,9 +166,11 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
         if base is None:
             name = Path(str(ckpt)).name.lower()
             if "llada" in name:
-                base, source = model_preset("llada_8b", param_dtype="bfloat16"), "llada_8b (bf16, from the checkpoint name)"
+                base = model_preset("llada_8b", param_dtype="bfloat16")
+                source = "llada_8b (bf16, from the checkpoint name)"
             elif "dream" in name:
-                base, source = model_preset("dream_7b", param_dtype="bfloat16"), "dream_7b (bf16, from the checkpoint name)"
+                base = model_preset("dream_7b", param_dtype="bfloat16")
+                source = "dream_7b (bf16, from the checkpoint name)"
             else:
                 raise ConfigError(f"model.checkpoint={ckpt!r} is not available here and its name names no known "
                                   "family; pass --preset (e.g. llada_8b or dream_7b)")
