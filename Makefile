@@ -11,7 +11,7 @@ VENV ?= .venv
 VENV312 ?= .venv312
 PYTEST_ARGS ?=
 
-.PHONY: setup setup312 tcmalloc run test test312 smoke results bench clean
+.PHONY: setup setup312 tcmalloc run lint test test312 smoke results bench clean
 
 # tcmalloc as the host allocator (gdsd_jax/allocator.py: XLA:CPU reuses its buffers instead of faulting in
 # fresh pages every step; the CPU update step runs ~25% faster). Installed with apt when make runs as root on
@@ -46,8 +46,12 @@ setup312: tcmalloc $(VENV312)/.installed
 run: setup
 	$(VENV)/bin/gdsd-jax train
 
-## The test suite (Python 3.11, pinned JAX, PyTorch parity tests included).
-test: setup
+## The linter (ruff: pyflakes, import order, line length; settings in pyproject.toml). `make test` runs it first.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+## The test suite (Python 3.11, pinned JAX, PyTorch parity tests included), after the linter.
+test: setup lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 ## The same suite under Python 3.12 with the newest JAX/Flax (torch tests skip there).

@@ -26,9 +26,9 @@ from gdsd_jax.checkpoint.train_state import RunCheckpointer, abstract_like
 
 def tiny_default_state() -> dict:
     from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
-    from gdsd_jax.rl.run import build_mesh, build_model
     from gdsd_jax.rl.trainer import RLTrainer
+    from gdsd_jax.training.config import TrainConfig
+    from gdsd_jax.training.setup import build_mesh, build_model
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(TrainConfig, repo / "configs/sudoku_tiny.yaml").validate()

@@ -56,15 +56,15 @@ import jax.numpy as jnp  # noqa: E402
 
 # The per-step loop baseline lives with the sampling benchmark (which puts tests/ on the path).
 import sampling_throughput  # noqa: E402
+
 from gdsd_jax.distributed.mesh import make_mesh  # noqa: E402
 from gdsd_jax.models.config import DenoiserConfig, tiny_llada  # noqa: E402
 from gdsd_jax.models.denoiser import init_params  # noqa: E402
 from gdsd_jax.objectives.types import RolloutBatch  # noqa: E402
-from gdsd_jax.rl.config import LoraSection, OptimSection, RLSection, TaskSection, TrainConfig  # noqa: E402
-from gdsd_jax.rl.task_adapter import Scores  # noqa: E402
 from gdsd_jax.rl.trainer import RLTrainer  # noqa: E402
 from gdsd_jax.sampling import generate_jit  # noqa: E402
-
+from gdsd_jax.training.config import LoraSection, OptimSection, RLSection, TaskSection, TrainConfig  # noqa: E402
+from gdsd_jax.training.task_adapter import Scores  # noqa: E402
 
 # ---- model, task, trainer -----------------------------------------------------------------------
 

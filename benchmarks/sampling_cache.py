@@ -40,10 +40,10 @@ preload_tcmalloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from gdsd_jax.sampling import SamplingConfig, generate_jit  # noqa: E402
 from sampling_reference import random_params  # noqa: E402
 from sampling_throughput import mid_config  # noqa: E402
+
+from gdsd_jax.sampling import SamplingConfig, generate_jit  # noqa: E402
 
 VARIANTS = ("none", "prefix", "dual")
 

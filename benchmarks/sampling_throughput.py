@@ -38,10 +38,10 @@ preload_tcmalloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from sampling_reference import dream_reference, jax_logits_fn, llada_reference, random_params  # noqa: E402
 
 from gdsd_jax.models.config import DenoiserConfig, tiny_dream, tiny_llada  # noqa: E402
 from gdsd_jax.sampling import SamplingConfig, generate_jit  # noqa: E402
-from sampling_reference import dream_reference, jax_logits_fn, llada_reference, random_params  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

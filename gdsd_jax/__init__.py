@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gdsd_jax.models.loading import load_denoiser
+    from gdsd_jax.loading import load_denoiser
 
 __all__ = ["load_denoiser", "__version__"]
 
 
 def __getattr__(name: str):
     if name == "load_denoiser":
-        from gdsd_jax.models.loading import load_denoiser
+        from gdsd_jax.loading import load_denoiser
 
         return load_denoiser
     raise AttributeError(f"module 'gdsd_jax' has no attribute {name!r}")

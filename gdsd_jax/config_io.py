@@ -10,6 +10,7 @@ Numeric fields declare their allowed range once, next to their default (:func:`r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -96,8 +97,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
     """Return a copy of ``tree`` with dotted ``key=value`` overrides applied."""
-    import copy
-
     out = copy.deepcopy(tree)
     for item in overrides:
         path, value = parse_override(item)
@@ -176,6 +175,11 @@ def build(cls: type[T], data: Mapping | None, prefix: str = "") -> T:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    removed = sorted(set(data) & set(getattr(cls, "REMOVED_KEYS", {})))
+    if removed:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError("; ".join(f"config key {where + k!r} was removed ({cls.REMOVED_KEYS[k]}): "
+                                    f"delete it from the config" for k in removed))
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""

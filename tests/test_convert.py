@@ -10,19 +10,25 @@ import struct
 import jax
 import numpy as np
 import pytest
+from helpers_hf import BF16, dream_config, hf_shapes, llada_config, make_hf_dir, read_all, write_hf_dir
 
 import gdsd_jax
 from gdsd_jax.checkpoint.params_io import is_params_checkpoint, read_config, restore_params, save_params
 from gdsd_jax.cli import main as cli_main
 from gdsd_jax.convert import (
-    CheckpointFormatError, config_from_hf, config_to_hf, convert_checkpoint, export_checkpoint, load_hf_params,
-    name_map, parse_size)
+    CheckpointFormatError,
+    config_from_hf,
+    config_to_hf,
+    convert_checkpoint,
+    export_checkpoint,
+    load_hf_params,
+    name_map,
+    parse_size,
+)
 from gdsd_jax.convert.safetensors_io import TensorReader
 from gdsd_jax.distributed.mesh import make_mesh
 from gdsd_jax.models.config import dream_7b, llada_8b, tiny_dream, tiny_llada
 from gdsd_jax.models.denoiser import param_shardings
-from helpers_hf import BF16, dream_config, hf_shapes, llada_config, make_hf_dir, read_all, write_hf_dir
-
 
 # ---- name maps and configs of the released models -----------------------------------------------
 

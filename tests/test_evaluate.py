@@ -8,10 +8,10 @@ from gdsd_jax.data.tokenizer import ascii_tokenizer
 from gdsd_jax.distributed.mesh import make_mesh
 from gdsd_jax.models.config import tiny_llada
 from gdsd_jax.models.denoiser import init_params
-from gdsd_jax.rl.evaluate import evaluate
-from gdsd_jax.rl.task_adapter import ChatAdapter, make_adapter
 from gdsd_jax.sampling import SamplingConfig
 from gdsd_jax.tasks.countdown import CountdownTask
+from gdsd_jax.training.evaluate import evaluate
+from gdsd_jax.training.task_adapter import ChatAdapter, make_adapter
 
 EOS = 251
 

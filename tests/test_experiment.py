@@ -47,7 +47,7 @@ def _exp_dict(**over) -> dict:
 def _resolve(spec: ex.RunSpec, out: Path):
     """The run's TrainConfig as the experiment writes it."""
     from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
+    from gdsd_jax.training.config import TrainConfig
 
     return load_config(TrainConfig, ex.write_run_config(spec, out))
 

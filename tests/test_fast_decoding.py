@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampling_reference import jax_logits_fn, random_params, threshold_reference
 
 from gdsd_jax.models.config import tiny_dream, tiny_llada
 from gdsd_jax.sampling import SamplingConfig, generate_jit
-from sampling_reference import jax_logits_fn, random_params, threshold_reference
 
 B, LP, LG = 3, 6, 12
 PAD = {0: 3, 2: 1}

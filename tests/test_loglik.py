@@ -12,10 +12,8 @@ import pytest
 from gdsd_jax.distributed.mesh import make_mesh
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import tiny_dream, tiny_llada
-from gdsd_jax.objectives import RolloutBatch
-from gdsd_jax.objectives import loglik
+from gdsd_jax.objectives import RolloutBatch, loglik
 from gdsd_jax.objectives.masking import coupled_masks, d1_masks
-
 
 # ---- NumPy float64 references -------------------------------------------------------------------
 

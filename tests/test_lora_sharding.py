@@ -39,7 +39,7 @@ def _expected_shards(cfg, r: int, fsdp: int, tensor: int) -> dict:
 
 @pytest.mark.parametrize("fsdp,tensor", [(8, 1), (4, 2)])
 def test_every_adapter_factor_is_split_over_fsdp(fsdp, tensor):
-    from gdsd_jax.rl.lora import init_lora
+    from gdsd_jax.models.lora import init_lora
 
     cfg = tiny_llada()
     r = 16
@@ -58,7 +58,7 @@ def test_every_adapter_factor_is_split_over_fsdp(fsdp, tensor):
 
 
 def test_rank_not_divisible_by_fsdp_is_replicated_with_a_warning():
-    from gdsd_jax.rl.lora import lora_shapes, lora_shardings
+    from gdsd_jax.models.lora import lora_shapes, lora_shardings
 
     cfg = tiny_llada()
     mesh = make_mesh(data=1, fsdp=8, tensor=1)
@@ -77,8 +77,8 @@ def test_sharded_lora_update_equals_the_single_device_update(tmp_path):
     same update on a 1-device mesh, to fp32 round-off of the differently ordered reductions."""
     from gdsd_jax.objectives.advantages import compute_advantages
     from gdsd_jax.objectives.types import RolloutBatch
-    from gdsd_jax.rl.run import build_model, build_task_and_adapter
     from gdsd_jax.rl.trainer import RLTrainer
+    from gdsd_jax.training.setup import build_model, build_task_and_adapter
     from tests.test_rl_trainer import tiny_cfg
 
     cfg = tiny_cfg(tmp_path, "lora.enabled=true", "lora.rank=8", "objective.beta=0.01", "rl.micro_batch_size=16")

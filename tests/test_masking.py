@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdsd_jax.objectives import ObjectiveConfig, RolloutBatch, get_objective
-from gdsd_jax.objectives import masking
+from gdsd_jax.objectives import ObjectiveConfig, RolloutBatch, get_objective, masking
 from gdsd_jax.objectives.masking import d1_tokens, mask_ratio, masked_completion_tokens
 
 # jitted once per shape: eager op-by-op dispatch would dominate the test time

@@ -9,12 +9,11 @@ import functools
 import jax
 import numpy as np
 import pytest
+from helpers_hf import make_hf_dir
 
 import gdsd_jax
 from gdsd_jax.models.config import dream_7b, llada_8b, tiny_dream, tiny_llada
 from gdsd_jax.models.denoiser import init_params, logits, raw_logits
-from helpers_hf import make_hf_dir
-
 
 # ---- parameter counts ---------------------------------------------------------------------------
 

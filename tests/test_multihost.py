@@ -1,6 +1,6 @@
 """Two JAX processes on localhost (CPU collectives, 4 fake devices each) against one process with 8.
 
-The global batch does not depend on the number of processes (see ``gdsd_jax.rl.run.index_iterator``) and
+The global batch does not depend on the number of processes (see ``gdsd_jax.training.setup.index_iterator``) and
 random numbers do not depend on the sharding (``jax_threefry_partitionable``), so the two runs compute the
 same thing; they may differ only by the order of floating-point reductions across processes.
 Tolerance: 1e-5 absolute on parameters of magnitude ~0.1 after 3 Adam steps (fp32 round-off).

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdsd_jax.objectives import compute_advantages, k1, k2, k3, kl_estimate
-from gdsd_jax.objectives import losses
+from gdsd_jax.objectives import compute_advantages, k1, k2, k3, kl_estimate, losses
 
 EPS = 4e-4
 

@@ -11,8 +11,14 @@ import pytest
 
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import tiny_llada
-from gdsd_jax.objectives import (OFFICIAL_DEFAULTS, ObjectiveConfig, RolloutBatch, compute_advantages, get_objective,
-                                 objective_names)
+from gdsd_jax.objectives import (
+    OFFICIAL_DEFAULTS,
+    ObjectiveConfig,
+    RolloutBatch,
+    compute_advantages,
+    get_objective,
+    objective_names,
+)
 from gdsd_jax.objectives.teacher import teacher_logits, teacher_sequence_target
 
 MASK = 90

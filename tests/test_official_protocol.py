@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from gdsd_jax.config_io import ConfigError, load_config
-from gdsd_jax.rl.config import TrainConfig
 from gdsd_jax.tasks import countdown as C
 from gdsd_jax.tasks import get_task
 from gdsd_jax.tasks import sudoku as S
 from gdsd_jax.tasks.files import official_data_path
+from gdsd_jax.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

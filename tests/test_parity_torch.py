@@ -19,12 +19,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch parity references need torch (not installed on this Python)")
 transformers = pytest.importorskip("transformers")
+from helpers_hf import dream_config, llada_config  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import gdsd_jax  # noqa: E402
 from gdsd_jax.convert import convert_checkpoint  # noqa: E402
 from gdsd_jax.models.denoiser import raw_logits  # noqa: E402
-from helpers_hf import dream_config, llada_config  # noqa: E402
 
 V, D, LAYERS, HEADS, MLP = 320, 64, 2, 4, 96
 TOL = 1e-4

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gdsd_jax.config_io import ConfigError, load_config
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/sudoku_tiny.yaml"

@@ -15,10 +15,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from test_rl_trainer import tiny_cfg
 
 from gdsd_jax.cli import main as cli
-from gdsd_jax.models.loading import load_denoiser
-from test_rl_trainer import tiny_cfg
+from gdsd_jax.loading import load_denoiser
 
 STEPS = 2
 MODEL = ("model.overrides={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 2, mlp_dim: 64, "

@@ -13,18 +13,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch parity references need torch (not installed on this Python)")
 transformers = pytest.importorskip("transformers")
+from helpers_hf import dream_config, llada_config  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gdsd_jax.cli import main as cli  # noqa: E402
 from gdsd_jax.config_io import load_config  # noqa: E402
-from gdsd_jax.rl.config import TrainConfig  # noqa: E402
-from helpers_hf import dream_config, llada_config  # noqa: E402
+from gdsd_jax.training.config import TrainConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 V, D, LAYERS, HEADS, MLP, MASK, EOS = 8, 32, 2, 2, 48, 6, 7
@@ -108,8 +107,8 @@ def _trained_policy_logits(run: Path, tok: np.ndarray, lora: bool) -> tuple[np.n
     """(policy logits, base logits) in the upstream convention, from the run's last train state: the base
     weights with the adapters applied unmerged (as in training), or the fully trained weights."""
     from gdsd_jax.checkpoint.train_state import RunCheckpointer
+    from gdsd_jax.loading import load_denoiser
     from gdsd_jax.models.denoiser import hidden_states, lm_head
-    from gdsd_jax.models.loading import load_denoiser
 
     ck = RunCheckpointer(run / "checkpoints", async_save=False)
     state = ck.restore_on_one_device(ck.latest_step())

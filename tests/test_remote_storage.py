@@ -120,8 +120,8 @@ def test_training_run_writes_and_resumes_in_a_bucket(fake_gcs, tmp_path, capsys)
     for a, b in zip(jax.tree.leaves(remote), jax.tree.leaves(local)):
         np.testing.assert_array_equal(a, b)
 
-    from gdsd_jax.rl.metrics import read_metrics
     from gdsd_jax.rl.plots import plot_run
+    from gdsd_jax.training.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(url)] == steps
     for p in plot_run(url):
@@ -176,8 +176,8 @@ def test_read_and_write_helpers_accept_strings_and_epath_objects(tmp_path, monke
     """Local paths as ``str``, ``pathlib.Path`` and ``epath.Path`` reach the same files; relative local paths
     stay relative to the working directory (as before the epath change)."""
     from gdsd_jax.checkpoint.train_state import RunCheckpointer, abstract_like
-    from gdsd_jax.rl.evaluate import EvalResult, write_eval
-    from gdsd_jax.rl.metrics import MetricsLogger, read_metrics
+    from gdsd_jax.training.evaluate import EvalResult, write_eval
+    from gdsd_jax.training.metrics import MetricsLogger, read_metrics
 
     monkeypatch.chdir(tmp_path)
     for i, d in enumerate(["rel/a", tmp_path / "b", epath.Path(tmp_path / "c"), str(tmp_path / "d")]):
@@ -194,8 +194,8 @@ def test_read_and_write_helpers_accept_strings_and_epath_objects(tmp_path, monke
         assert [r["step"] for r in read_metrics(d)] == [0]
         ck = RunCheckpointer(epath.Path(d) / "ck" if i % 2 else os.path.join(os.fspath(d), "ck"), async_save=False)
         state = {"w": jax.numpy.arange(4.0) + i}
-        ck.save(3, state, None, {"i": i})
-        got, meta = ck.restore(None, abstract_like(state), None)
+        ck.save(3, state, {"i": i})
+        got, meta = ck.restore(None, abstract_like(state))
         ck.close()
         assert meta == {"i": i} and np.asarray(got["w"]).tolist() == [i, i + 1.0, i + 2.0, i + 3.0]
     assert (tmp_path / "rel" / "a" / "metrics.jsonl").exists()

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdsd_jax.config_io import ConfigError, build, load_config
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.config_io import ConfigError, load_config
+from gdsd_jax.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,32 @@ def test_cosine_warmup_longer_than_the_run_is_named():
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"rl\.num_generation"):
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["rl.num_generation=4"])
+
+
+@pytest.mark.parametrize("key", ["rl.reference_refresh_every=10", "task.system_prompt=false"])
+def test_removed_key_is_named(key):
+    """Keys nothing reads any more stop the run naming the key, instead of being accepted silently."""
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{name}' was removed .*delete it"):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", [key])
+
+
+def test_every_config_key_is_read():
+    """Every field of the run config's sections is read somewhere in the package (no accepted-but-ignored key)."""
+    import ast
+    import dataclasses
+
+    read = set()
+    for path in (REPO / "gdsd_jax").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):          # the run config's validation alone does not count as a use
+            if isinstance(node, ast.FunctionDef) and node.name == "validate":
+                node.body = []
+        read |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    unread = [f"{section.name}.{f.name}" for section in dataclasses.fields(TrainConfig)
+              if dataclasses.is_dataclass(section.default) for f in dataclasses.fields(section.default)
+              if f.name not in read]
+    assert not unread, f"run-config keys never read: {unread}"
 
 
 def test_bad_value_is_named():
@@ -110,7 +136,7 @@ def test_eval_command_gives_dream_models_the_official_top_k():
 def test_recipe_builds_train_step_shapes(name):
     """Every recipe validates and its real update step traces on an abstract 8-device mesh (no weights)."""
     from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
-    from gdsd_jax.models.config import llada_8b, dream_7b
+    from gdsd_jax.models.config import dream_7b, llada_8b
     from gdsd_jax.models.denoiser import abstract_params
     from gdsd_jax.objectives.types import RolloutBatch
     from gdsd_jax.rl.trainer import RLTrainer
@@ -149,7 +175,8 @@ def test_recipe_builds_train_step_shapes(name):
 def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
     """The first call trains and writes the cache; the same settings reuse it (identical weights, no SFT);
     a different SFT setting gets its own entry; progress=False prints no SFT progress bar."""
-    from gdsd_jax.rl.run import build_mesh, build_model, warm_start
+    from gdsd_jax.sft.run import warm_start
+    from gdsd_jax.training.setup import build_mesh, build_model
 
     cfg = tiny_cfg(tmp_path, "warm_start.mode=sft", f"warm_start.cache_dir={tmp_path / 'cache'}",
                    "sft.steps=2", "sft.batch_size=8", "sft.eval_every=0")
@@ -180,7 +207,7 @@ def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
 def test_lora_forward_equals_merged_weights_and_reference_is_base():
     from gdsd_jax.models.config import tiny_dream
     from gdsd_jax.models.denoiser import init_params, logits
-    from gdsd_jax.rl.lora import init_lora, merge_lora
+    from gdsd_jax.models.lora import init_lora, merge_lora
 
     cfg = tiny_dream()
     params = init_params(cfg, jax.random.key(0))
@@ -208,8 +235,8 @@ def test_lora_forward_equals_merged_weights_and_reference_is_base():
 # ---- the update step ----------------------------------------------------------------------------
 
 def _trainer(tmp_path, *extra):
-    from gdsd_jax.rl.run import build_mesh, build_model, build_task_and_adapter
     from gdsd_jax.rl.trainer import RLTrainer
+    from gdsd_jax.training.setup import build_mesh, build_model, build_task_and_adapter
 
     cfg = tiny_cfg(tmp_path, *extra)
     mesh = build_mesh(cfg)
@@ -292,7 +319,7 @@ def run_describe(cfg) -> str:
 ])
 def test_d1_run_trains_with_d1_advantages(tmp_path, monkeypatch, extra, expected):
     """objective.name=d1 without rl.* settings: the update receives d1's std-scaled group-mean advantages."""
-    from gdsd_jax.rl.task_adapter import CompactAdapter
+    from gdsd_jax.training.task_adapter import CompactAdapter
 
     _, trainer, task = _trainer(tmp_path, "objective.name=d1", *extra)
     g = trainer.cfg.rl.num_generations
@@ -359,9 +386,10 @@ def test_param_dtype_sets_the_trained_weights_and_moments_stay_fp32(tmp_path, we
 
 
 def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
+    from gdsd_jax.checkpoint.train_state import RunCheckpointer
     from gdsd_jax.rl import run as run_mod
-    from gdsd_jax.rl.task_adapter import CompactAdapter
     from gdsd_jax.rl.trainer import NonFiniteError
+    from gdsd_jax.training.task_adapter import CompactAdapter
 
     calls = {"n": 0}
     original = CompactAdapter.score
@@ -384,7 +412,7 @@ def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     assert all(r["rollout_nfe"] == cfg.sampling_config().steps for r in steps)
     assert all(0 < r["time_share_rollout"] < 1 and r["tokens_per_second_rollout"] > 0 for r in steps)
     # Checkpoints written before the failure are intact; the skipped updates left the parameters alone.
-    ck = run_mod.RunCheckpointer(tmp_path / "checkpoints")
+    ck = RunCheckpointer(tmp_path / "checkpoints")
     assert ck.latest_step() == 3
     ck.close()
 
@@ -491,8 +519,8 @@ def test_resume_with_a_different_model_names_the_field(tmp_path):
 def test_schedule_counts_rl_steps_whatever_num_iterations(schedule, warmup):
     """With mu optimizer updates per RL step, update c runs at the learning rate of RL step c // mu, and the
     schedule follows its closed form over RL steps (linear warm-up, then constant or half-cosine to 0)."""
-    from gdsd_jax.rl.config import OptimSection
     from gdsd_jax.rl.trainer import update_schedule
+    from gdsd_jax.training.config import OptimSection
 
     optim = OptimSection(lr=3e-4, schedule=schedule, warmup_steps=warmup)
     total, mu = 100, 4

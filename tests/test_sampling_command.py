@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from sampling_reference import jax_logits_fn, llada_reference, random_params
 
 from gdsd_jax.cli import main
 from gdsd_jax.models.config import tiny_llada
-from sampling_reference import jax_logits_fn, llada_reference, random_params
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampling_reference import dream_reference, jax_logits_fn, llada_reference, random_params
 
 from gdsd_jax.models.config import tiny_dream, tiny_llada
 from gdsd_jax.sampling import SamplingConfig, generate, generate_jit
-from sampling_reference import dream_reference, jax_logits_fn, llada_reference, random_params
 
 STD = 0.3
 
@@ -226,8 +226,9 @@ def test_mask_token_is_sampled_as_upstream_unless_banned(family, llada, dream):
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_filter_matches_sort_reference(top_p):
     """The bisection nucleus filter keeps exactly the tokens of upstream's sort-and-cumsum rule."""
-    from gdsd_jax.sampling.common import FILTERED, top_p_filter
     from sampling_reference import _top_p_logits
+
+    from gdsd_jax.sampling.common import FILTERED, top_p_filter
 
     rng = np.random.default_rng(int(top_p * 1000))
     logits = (rng.standard_normal((300, 64)) * rng.uniform(0.2, 4.0, (300, 1))).astype(np.float32)

@@ -11,11 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampling_reference import random_params
 
 from gdsd_jax.models.config import tiny_dream, tiny_llada
-from gdsd_jax.sampling import (SamplingConfig, completion_mask, dream_origin_probs, dream_transfer_schedule,
-                               generate, generate_jit, llada_transfer_schedule)
-from sampling_reference import random_params
+from gdsd_jax.sampling import (
+    SamplingConfig,
+    completion_mask,
+    dream_origin_probs,
+    dream_transfer_schedule,
+    generate,
+    generate_jit,
+    llada_transfer_schedule,
+)
 
 
 def _upstream_k(timesteps, gen_length: int, steps: int) -> list[int]:

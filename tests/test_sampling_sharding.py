@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampling_reference import random_params
 
 from gdsd_jax.distributed.mesh import make_mesh
 from gdsd_jax.models.config import tiny_dream, tiny_llada
 from gdsd_jax.models.denoiser import param_shardings
 from gdsd_jax.sampling import SamplingConfig, generate_jit
-from sampling_reference import random_params
 
 SETTINGS = {
     "llada": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, return_unmask_step=True),

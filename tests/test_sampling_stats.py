@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampling_reference import jax_logits_fn, random_params
 
 from gdsd_jax.models.config import tiny_dream, tiny_llada
 from gdsd_jax.sampling import SamplingConfig, generate_jit
-from sampling_reference import jax_logits_fn, random_params
 
 N = 4096
 STD = 0.15      # moderately peaked: several tokens carry visible mass

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gdsd_jax.tasks import get_task, score_batch
 from gdsd_jax.tasks import code as K
+from gdsd_jax.tasks import get_task, score_batch
 from gdsd_jax.tasks.files import DataError
 from gdsd_jax.tasks.sandbox import SandboxConfig
 

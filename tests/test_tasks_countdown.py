@@ -9,7 +9,6 @@ from fractions import Fraction
 
 import pytest
 
-from gdsd_jax.data.tokenizer import countdown_tokenizer
 from gdsd_jax.tasks import arith, get_task, score_batch
 from gdsd_jax.tasks import countdown as C
 from gdsd_jax.tasks.files import DataError
@@ -196,7 +195,7 @@ def test_prompts_train_and_eval():
 # ---- compact format ----
 
 def test_compact_ids_and_reward():
-    tok = countdown_tokenizer()
+    tok = C.countdown_tokenizer()
     assert tok.vocab_size == 20 and (tok.sep_id, tok.mask_id, tok.eos_id, tok.pad_id) == (17, 18, 19, 19)
     assert [tok.encode(ch)[0] for ch in "0123456789+-*/()," ] == list(range(17))
     task = get_task("countdown")

@@ -8,12 +8,9 @@ import sys
 
 import pytest
 
-from gdsd_jax.data.tokenizer import sudoku_tokenizer
-from gdsd_jax.models.config import sudoku_tiny
 from gdsd_jax.tasks import get_task, score_batch
 from gdsd_jax.tasks import sudoku as S
 from gdsd_jax.tasks.files import DataError
-
 
 # ---- independent reference: a backtracking solver that lists every solution ----
 
@@ -203,8 +200,8 @@ def test_task_score_batch_and_prompts():
 # ---- compact format ----
 
 def test_compact_format_ids():
-    tok = sudoku_tokenizer()
-    cfg = sudoku_tiny()
+    tok = S.sudoku_tokenizer()
+    cfg = S.tiny_model()
     assert (tok.vocab_size, tok.mask_id, tok.eos_id, tok.pad_id, tok.sep_id) == (8, 6, 7, 7, 5)
     assert (cfg.vocab_size, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id) == (8, 6, 7, 7)
     ex = _example(PUZZLE, SOLUTION)

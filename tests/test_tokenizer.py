@@ -10,11 +10,11 @@ from gdsd_jax.data.tokenizer import (
     HFTokenizer,
     Tokenizer,
     ascii_tokenizer,
-    countdown_tokenizer,
     load_tokenizer,
-    sudoku_tokenizer,
 )
 from gdsd_jax.models.config import tiny_dream, tiny_llada
+from gdsd_jax.tasks.countdown import countdown_tokenizer
+from gdsd_jax.tasks.sudoku import sudoku_tokenizer
 
 
 def test_sudoku_tokenizer_ids_and_roundtrip():
@@ -67,7 +67,8 @@ TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}
 
 
 def _build(directory, *, mask_token="<|mdm_mask|>", chat_template=TEMPLATE, config=None):
-    from tokenizers import AddedToken, Tokenizer as RawTokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
     raw = RawTokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import pytest
 from gdsd_jax.checkpoint.integrity import state_digests
 from gdsd_jax.checkpoint.train_state import CheckpointIntegrityError, RunCheckpointer, abstract_like
 from gdsd_jax.config_io import ConfigError, load_config
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.training.config import TrainConfig
 from tests.test_rl_trainer import REPO, _final_trainable, _metrics, _trainer, tiny_cfg
-
 
 # ---- the digest ---------------------------------------------------------------------------------
 
@@ -42,7 +40,8 @@ def _np_digest(x: np.ndarray) -> str:
 
 
 def test_digest_matches_a_numpy_reference_on_any_layout():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     x = np.asarray(jax.random.normal(jax.random.key(0), (16, 24)))
     tree = {"f32": x, "bf16": x.astype(jnp.bfloat16), "i32": np.arange(-5, 30, dtype=np.int32),
@@ -283,8 +282,8 @@ def _write_cut_short(path: Path) -> None:
 
 
 def test_metrics_cut_short_resume_and_plot(tmp_path, capsys):
-    from gdsd_jax.rl.metrics import MetricsLogger, read_metrics
     from gdsd_jax.rl.plots import plot_run
+    from gdsd_jax.training.metrics import MetricsLogger, read_metrics
 
     path = tmp_path / "metrics.jsonl"
     _write_cut_short(path)
@@ -300,7 +299,7 @@ def test_metrics_cut_short_resume_and_plot(tmp_path, capsys):
 
 
 def test_metrics_damaged_before_the_last_line_is_named(tmp_path):
-    from gdsd_jax.rl.metrics import read_metrics
+    from gdsd_jax.training.metrics import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "x\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON record"):

@@ -16,7 +16,7 @@ import pytest
 
 from gdsd_jax import cli
 from gdsd_jax.config_io import ConfigError, load_config
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.training.config import TrainConfig
 from tests.test_rl_trainer import REPO, TINY
 
 CONFIG = str(REPO / "configs/sudoku_tiny.yaml")
@@ -188,7 +188,7 @@ def test_run_directory_lifecycle_errors_are_one_line(tmp_path, capsys, monkeypat
     start), disk full at step 2 (one line naming the cause), the directory again without --resume, --resume
     with another model, --resume recovering from the disk-full stop, and --resume of the finished run (no
     second final evaluation)."""
-    from gdsd_jax.rl.metrics import MetricsLogger
+    from gdsd_jax.training.metrics import MetricsLogger
 
     out = tmp_path / "run"
     real_log = MetricsLogger.log

@@ -37,8 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint import v1 as ocp
+from orbax.checkpoint.options import AtomicityMode
 
 from gdsd_jax.models.config import DenoiserConfig, dtype_from_name
+from gdsd_jax.models.denoiser import abstract_params, param_shapes
 
 FORMAT = "gdsd-jax/params"
 VERSION = 1
@@ -50,12 +54,6 @@ HF_FILES_DIR = "hf_files"
 #: Orbax storage chunks are capped at this many bytes so that restoring onto a mesh reads only (roughly)
 #: the bytes each device needs instead of whole multi-GB leaves.
 CHUNK_BYTES = 64 * 1024 * 1024
-
-
-def _ocp():
-    from orbax.checkpoint import v1 as ocp
-
-    return ocp
 
 
 def dtype_name(dtype) -> str:
@@ -115,7 +113,7 @@ def _module_available(name: str) -> bool:
 def _fsspec_protocol_available(protocol: str) -> bool:
     """Whether fsspec can build a filesystem for ``protocol`` (its implementation package imports)."""
     try:
-        import fsspec
+        import fsspec  # lazy: only remote (gs://) paths need it, and it may not be installed
 
         fsspec.get_filesystem_class(protocol)
         return True
@@ -178,8 +176,6 @@ def _resolved(path) -> epath.Path:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -239,8 +235,6 @@ class ParamsWriter:
 
     def __init__(self, path: str | os.PathLike, cfg: DenoiserConfig, *, hf_config: Mapping | None = None,
                  overwrite: bool = False, source: Mapping | None = None):
-        from gdsd_jax.models.denoiser import param_shapes
-
         self.cfg = cfg
         self.source = dict(source) if source is not None else None
         self.remote = _is_remote(path)
@@ -261,13 +255,11 @@ class ParamsWriter:
                 self.final.rmtree()
             self.tmp.mkdir(parents=True, exist_ok=True)
         _barrier("gdsd_params_writer_init")
-        self._ctx = _ocp().Context()
+        self._ctx = ocp.Context()
         self._ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
         if self.remote:
             # Orbax's default on GCS (a commit file, no rename) does not support partial (leaf by leaf)
             # saves; its rename-based protocol does.
-            from orbax.checkpoint.options import AtomicityMode
-
             self._ctx.atomicity.mode = AtomicityMode.ATOMIC_RENAME
 
     @property
@@ -285,7 +277,6 @@ class ParamsWriter:
         if tuple(array.shape) != self.expected[path]:
             raise ValueError(f"params leaf {'/'.join(path)!r}: shape {tuple(array.shape)}, expected "
                              f"{self.expected[path]}")
-        ocp = _ocp()
         with self._ctx:
             ocp.partial.save(self.tmp / PARAMS_DIR, _nest(path, array))
         self.written[path] = {"shape": list(array.shape), "dtype": np.dtype(array.dtype).name}
@@ -294,7 +285,6 @@ class ParamsWriter:
         missing = sorted("/".join(p) for p in self.expected if p not in self.written)
         if missing:
             raise ValueError(f"params checkpoint incomplete: leaves {missing} were never written")
-        ocp = _ocp()
         with self._ctx:
             ocp.partial.finalize(self.tmp / PARAMS_DIR)
         if jax.process_index() == 0:
@@ -365,8 +355,6 @@ def save_params(path: str | os.PathLike, params: Mapping, cfg: DenoiserConfig, *
 
 
 def _check_leaves(path, meta: dict, cfg: DenoiserConfig, wanted) -> None:
-    from gdsd_jax.models.denoiser import param_shapes
-
     stored = meta.get("leaves", {})
     expected = {"/".join(p): tuple(s) for p, s in _leaves(param_shapes(cfg))}
     for name in wanted:
@@ -388,28 +376,19 @@ def restore_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = Non
       dtype: parameter dtype override (``"bf16"``, ``"float32"``, ``jnp.bfloat16``...); Orbax casts while
         reading. ``cfg.param_dtype`` is updated accordingly.
     """
-    from gdsd_jax.models.denoiser import abstract_params
-
     meta = read_meta(path)
     cfg = DenoiserConfig.from_dict(meta["config"])
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype_name(dtype))
-    _check_leaves(path, meta, cfg, ["/".join(p) for p, _ in _leaves(_shape_tree(cfg))])
+    _check_leaves(path, meta, cfg, ["/".join(p) for p, _ in _leaves(param_shapes(cfg))])
     if mesh is not None:
         target = abstract_params(cfg, mesh)
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
                               abstract_params(cfg))
-    ocp = _ocp()
     params = ocp.load(_resolved(path) / PARAMS_DIR, target)
     return params, cfg
-
-
-def _shape_tree(cfg: DenoiserConfig) -> dict:
-    from gdsd_jax.models.denoiser import param_shapes
-
-    return param_shapes(cfg)
 
 
 def load_leaf_numpy(path: str | os.PathLike, leaf: tuple[str, ...], meta: dict | None = None) -> np.ndarray:
@@ -422,7 +401,6 @@ def load_leaf_numpy(path: str | os.PathLike, leaf: tuple[str, ...], meta: dict |
     dt = dtype_from_name(info["dtype"]) if info["dtype"] in ("float32", "bfloat16") else np.dtype(info["dtype"])
     # np.empty only reserves address space: the template costs no resident memory.
     template = _nest(leaf, np.empty(tuple(info["shape"]), dt))
-    ocp = _ocp()
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:

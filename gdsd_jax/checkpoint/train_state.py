@@ -1,15 +1,14 @@
-"""Orbax checkpoints of a training run: state pytree + Grain iterator state + JSON metadata.
+"""Orbax checkpoints of a training run: state pytree + JSON metadata.
 
-One checkpoint step holds three items:
+One checkpoint step holds two items:
 
 * ``state``: the training state pytree (trainable parameters or LoRA adapters, optimizer state, step,
   RNG key data) saved with ``StandardSave`` and restored onto the target shardings, so a run can resume on
   a different mesh;
-* ``data_iter``: the Grain iterator state (the data pipeline resumes with exactly the next batch; it is
-  never fast-forwarded);
-* ``meta``: JSON with the run config, counters and the best eval reward so far, plus ``integrity``: the
-  save-time digest of every state array and of the rest of ``meta`` (:mod:`gdsd_jax.checkpoint.integrity`),
-  committed with the step.
+* ``meta``: JSON with the run config, counters, the best eval reward so far and the index iterator's state
+  (``data_state``: the data resume with exactly the next batch; the iterator is never fast-forwarded), plus
+  ``integrity``: the save-time digest of every state array and of the rest of ``meta``
+  (:mod:`gdsd_jax.checkpoint.integrity`), committed with the step.
 
 A state with a NaN or inf is never saved. :meth:`RunCheckpointer.restore` checks the restored arrays and
 metadata against the save-time digests, and :meth:`RunCheckpointer.restore_newest_intact` falls back from a
@@ -32,7 +31,6 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -98,9 +96,9 @@ class RunCheckpointer:
             keep_checkpoints_without_metrics=True,
         )
         self._mngr = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data_iter", "meta"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                           "data_iter": grain.checkpoint.CheckpointHandler()}, options=options)
+            self.directory, item_names=("state", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            options=options)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -108,7 +106,7 @@ class RunCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
-    def save(self, step: int, state: Any, data_iter: Any, meta: dict, *, eval_reward: float | None = None,
+    def save(self, step: int, state: Any, meta: dict, *, eval_reward: float | None = None,
              force: bool = True) -> None:
         """Save ``state`` and ``meta`` (JSON) as ``step``, with the digests that :meth:`restore` checks.
 
@@ -121,8 +119,6 @@ class RunCheckpointer:
         meta = dict(meta, integrity={"state": digests, "meta": meta_digest(meta)})
         metrics = {"eval_reward": eval_reward} if eval_reward is not None else None
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     def _read(self, step: int, items: dict) -> dict:
@@ -150,16 +146,14 @@ class RunCheckpointer:
             raise CheckpointIntegrityError("its metadata differs from the save-time digest", step)
         return meta, record
 
-    def restore(self, step: int | None, abstract_state: Any, data_iter: Any = None) -> tuple[Any, dict]:
-        """Restore ``state`` onto the shardings of ``abstract_state`` (and ``data_iter`` in place), checked
+    def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
+        """Restore ``state`` onto the shardings of ``abstract_state``, checked
         against the save-time digests (checkpoints from before digests were recorded: checked for finite
         values). Raises :class:`CheckpointIntegrityError` naming what failed."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self._read(step, items)
         meta, record = self._checked_meta(step, out["meta"])
         digests, nonfinite = state_digests(out["state"])

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from gdsd_jax.config_io import DEFAULT_CONFIG, resolve_config_path
+from gdsd_jax.config_io import DEFAULT_CONFIG, load_config, resolve_config_path
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,8 +20,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_train_config(args):
-    from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
+    from gdsd_jax.training.config import TrainConfig
 
     overrides = list(args.overrides)
     if args.output_dir:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from gdsd_jax.config_io import parse_override
 from gdsd_jax.tasks.base import PROTOCOLS
 
 HELP = "evaluate a checkpoint on a task's test set"
@@ -65,14 +66,13 @@ def eval_top_k(requested: int | None, family: str) -> int | None:
 def run(args) -> int:
     import jax
 
-    from gdsd_jax.config_io import parse_override
-    from gdsd_jax.data.prompts import prompt_token_ids
     from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
-    from gdsd_jax.models.loading import load_denoiser
-    from gdsd_jax.rl.evaluate import evaluate, write_eval
-    from gdsd_jax.rl.task_adapter import make_adapter
+    from gdsd_jax.loading import load_denoiser
     from gdsd_jax.sampling import SamplingConfig
     from gdsd_jax.tasks.base import get_task, task_class
+    from gdsd_jax.tasks.prompts import prompt_token_ids
+    from gdsd_jax.training.evaluate import evaluate, write_eval
+    from gdsd_jax.training.task_adapter import make_adapter
 
     mesh = make_mesh(**parse_mesh_spec(args.mesh))
     model = load_denoiser(args.checkpoint, mesh=mesh, step=args.step)

@@ -7,6 +7,8 @@ skipped, so the command resumes after an interruption.
 
 from __future__ import annotations
 
+from gdsd_jax.config_io import ConfigError
+
 HELP = "multi-run experiment: lr selection, seeds, studies, aggregated results.md and curves"
 
 
@@ -27,7 +29,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from gdsd_jax.config_io import ConfigError
     from gdsd_jax.rl.experiment import run_experiment
 
     if args.jobs < 1:

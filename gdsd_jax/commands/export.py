@@ -48,9 +48,10 @@ def _check_args(args) -> None:
 def _export_run(args):
     from pathlib import Path
 
-    from gdsd_jax.checkpoint.policy import restore_run_policy, run_base_checkpoint, run_config, write_policy
+    from gdsd_jax.checkpoint.policy import run_base_checkpoint, run_config
     from gdsd_jax.convert.export import export_checkpoint
     from gdsd_jax.convert.hf_config import config_to_hf
+    from gdsd_jax.loading import restore_run_policy, write_policy
 
     out = Path(args.out).absolute()
     if out.exists() and not args.overwrite:

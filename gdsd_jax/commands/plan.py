@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gdsd_jax.config_io import ConfigError, load_config, resolve_config_path
+
 HELP = "per-device memory plan of a recipe on an abstract mesh"
 
 _CHILD_ENV = "GDSD_PLAN_CHILD"
@@ -115,8 +117,6 @@ def _run_child(args) -> int:
 # ---- command -------------------------------------------------------------------------------------
 
 def run(args) -> int:
-    from gdsd_jax.config_io import ConfigError
-
     if args.devices <= 0:
         raise SystemExit(f"plan: --devices must be positive, got {args.devices}")
     from gdsd_jax.rl.plan import require_libtpu
@@ -128,9 +128,8 @@ def run(args) -> int:
     if not _prepare_in_process(args.target, args.devices):
         return _run_child(args)
 
-    from gdsd_jax.config_io import load_config, resolve_config_path
     from gdsd_jax.rl import plan
-    from gdsd_jax.rl.config import TrainConfig
+    from gdsd_jax.training.config import TrainConfig
 
     try:
         cfg = load_config(TrainConfig, resolve_config_path(args.config), list(args.overrides)).validate()

@@ -139,7 +139,7 @@ def _find_tokenizer_dir(args) -> Path | None:
 
 def load_model(path: str, mesh, dtype, compute_dtype, step: int | None = None):
     """``(params, DenoiserConfig)`` from our params checkpoint, a Hugging Face directory or a run directory."""
-    from gdsd_jax.models.loading import load_denoiser
+    from gdsd_jax.loading import load_denoiser
 
     model = load_denoiser(path, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype, step=step, progress=True)
     return model.params(), model.config

@@ -18,7 +18,7 @@ def run(args) -> int:
     import jax
 
     from gdsd_jax.checkpoint.params_io import save_params, storage_path
-    from gdsd_jax.rl.run import run_sft
+    from gdsd_jax.sft.run import run_sft
 
     cfg = load_train_config(args).validate()
     out = storage_path(cfg.output_dir)

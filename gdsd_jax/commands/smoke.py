@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +26,6 @@ def add_arguments(p) -> None:
 
 def build_tiny_hf(path: Path, family: str = "llada", dtype: str = "bf16", seed: int = 0) -> Path:
     """Write a tiny random upstream-layout checkpoint (2 shards mixing layers + index) to ``path``."""
-    import json
-
     import ml_dtypes
     import numpy as np
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from tqdm.auto import tqdm
 
-from gdsd_jax.checkpoint.params_io import (
-    HF_FILES_DIR, load_leaf_numpy, read_hf_config, read_meta)
+from gdsd_jax.checkpoint.params_io import HF_FILES_DIR, load_leaf_numpy, read_hf_config, read_meta
 from gdsd_jax.convert.hf_checkpoint import INDEX_FILE, SINGLE_FILE
 from gdsd_jax.convert.hf_config import checkpoint_dtype, config_to_hf
 from gdsd_jax.convert.names import specs_by_leaf
@@ -93,8 +93,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         (``hf_config.json``), else the checkpoint's parameter dtype.
       overwrite: replace an existing ``out``.
     """
-    from tqdm.auto import tqdm
-
     ckpt = Path(checkpoint)
     meta = read_meta(ckpt)
     cfg = DenoiserConfig.from_dict(meta["config"])

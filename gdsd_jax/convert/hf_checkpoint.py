@@ -22,12 +22,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from gdsd_jax.checkpoint.params_io import HF_FILES_DIR, META_FILE, ParamsWriter, dtype_name, is_params_checkpoint
 from gdsd_jax.convert.hf_config import checkpoint_dtype, config_from_hf, infer_family, read_config_json
 from gdsd_jax.convert.names import IGNORED_SUFFIXES, TensorSpec, guess_family_from_names, name_map, specs_by_leaf
 from gdsd_jax.convert.safetensors_io import (
-    DTYPES, FLOAT_DTYPES, CheckpointFormatError, TensorInfo, TensorReader, copy_into, copy_transposed, read_header)
+    DTYPES,
+    FLOAT_DTYPES,
+    CheckpointFormatError,
+    TensorInfo,
+    TensorReader,
+    copy_into,
+    copy_transposed,
+    read_header,
+)
 from gdsd_jax.models.config import DenoiserConfig, dtype_from_name
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -167,8 +176,6 @@ class HFCheckpoint:
 
         Call :meth:`validate` first. Only the current leaf (plus one tensor being transposed) is held.
         """
-        from tqdm.auto import tqdm
-
         target = np.dtype(dtype_from_name(cfg.param_dtype))
         total = sum(len(s) for _, _, s in specs_by_leaf(cfg))
         bar = tqdm(total=total, desc=f"convert {self.dir.name}", unit="tensor", disable=not progress)

@@ -1,2 +1,1 @@
-"""Data: tokenizers (tiny character tokenizers, local Hugging Face tokenizers), prompt building and the
-Grain input pipeline."""
+"""Data: tokenizers (tiny character tokenizers, local Hugging Face tokenizers) behind one interface."""

@@ -139,31 +139,6 @@ class CharTokenizer:
 
 # ---- presets ----
 
-#: Compact Sudoku ids: digits 0-4 (0 = blank), SEP 5 (``|``), MASK 6 (``?``), EOS/PAD 7 (``$``).
-SUDOKU_SEP, SUDOKU_MASK, SUDOKU_EOS = 5, 6, 7
-
-
-def sudoku_tokenizer() -> CharTokenizer:
-    """Vocabulary 8 of the tiny Sudoku model (``models.config.sudoku_tiny``)."""
-    pieces = {i: str(i) for i in range(5)}
-    pieces.update({SUDOKU_SEP: "|", SUDOKU_MASK: "?", SUDOKU_EOS: "$"})
-    return CharTokenizer(pieces, {"sep": SUDOKU_SEP, "mask": SUDOKU_MASK, "eos": SUDOKU_EOS}, name="sudoku")
-
-
-#: Compact Countdown ids: digits 0-9, ``+ - * / ( )`` = 10..15, ``,`` = 16, SEP 17 (``|``), MASK 18 (``?``),
-#: EOS/PAD 19 (``$``).
-COUNTDOWN_CHARS = "0123456789+-*/(),"
-COUNTDOWN_SEP, COUNTDOWN_MASK, COUNTDOWN_EOS = 17, 18, 19
-
-
-def countdown_tokenizer() -> CharTokenizer:
-    """Vocabulary 20 of the compact Countdown format."""
-    pieces = {i: ch for i, ch in enumerate(COUNTDOWN_CHARS)}
-    pieces.update({COUNTDOWN_SEP: "|", COUNTDOWN_MASK: "?", COUNTDOWN_EOS: "$"})
-    return CharTokenizer(pieces, {"sep": COUNTDOWN_SEP, "mask": COUNTDOWN_MASK, "eos": COUNTDOWN_EOS},
-                         name="countdown")
-
-
 def ascii_tokenizer(*, mask_id: int = 250, eos_id: int = 251, vocab_size: int = 256) -> CharTokenizer:
     """ASCII characters as ids 0..127 plus ``<|mdm_mask|>`` and ``<|eot_id|>`` specials, vocabulary 256.
 
@@ -237,7 +212,7 @@ def _config_mask_id(directory: Path) -> int | None:
 
 
 def _from_pretrained(directory: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy, and only real (non-character) tokenizers need it
 
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
 

@@ -35,7 +35,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
@@ -52,7 +53,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     # Mesh axes are assigned left to right and each at most once per array, so the rank axis gets fsdp
     # only in the LoRA factor whose other dims leave it unused (B of q/k/v/gate/up, A of o/down, B of o/down
-    # whose rank dim comes before the embed dim): every factor is then split over fsdp (rl/lora.py).
+    # whose rank dim comes before the embed dim): every factor is then split over fsdp (models/lora.py).
     "lora": ("fsdp",),
 }
 

@@ -94,6 +94,3 @@ def host_allgather(local: np.ndarray) -> np.ndarray:
         return np.asarray(local)
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
-
-def is_main() -> bool:
-    return jax.process_index() == 0

@@ -9,7 +9,7 @@ bidirectional attention, SwiGLU MLP, untied LM head). They differ in:
   counted from the first real token, raw logits shifted by one (hidden state i predicts token i+1); the
   model undoes the shift so that the public forward is aligned like LLaDA's.
 
-Numbers of the presets: LLaDA-8B and Dream-7B ``config.json`` (see ``docs/models.md``).
+Numbers of the presets: LLaDA-8B and Dream-7B ``config.json``.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class DenoiserConfig:
       remat: one of :data:`REMAT_POLICIES`, applied per block.
       learned_positions: add a learned absolute position embedding ``[max_seq_len, D]`` to the token
         embedding (on top of RoPE). Not part of LLaDA or Dream (their checkpoints have no such tensor):
-        an option for tiny models on grid tasks, where a cell's absolute index carries the row/column/box
-        structure that relative (RoPE) positions only expose indirectly.
+        an option for tiny models on fixed-layout inputs, where a token's absolute index carries structure
+        (a grid's row/column/box) that relative (RoPE) positions only expose indirectly.
       scan_layers: run the blocks with ``lax.scan`` over stacked parameters (constant compile time in
         depth). Parameters are always stored stacked ``[num_layers, ...]``; ``False`` unrolls a Python
         loop over the same arrays (useful for debugging and per-layer profiles).
@@ -194,29 +194,9 @@ def tiny_dream(**overrides) -> DenoiserConfig:
     return DenoiserConfig(**cfg)
 
 
-def sudoku_tiny(**overrides) -> DenoiserConfig:
-    """The embedded default: a ~150k-parameter LLaDA-family denoiser for 4x4 Sudoku (compact tokens)."""
-    cfg = dict(family="llada", vocab_size=8, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=4,
-               head_dim=16, mlp_dim=256, rope_theta=10000.0, rms_eps=1e-5, qkv_bias=False,
-               mask_token_id=6, eos_token_id=7, pad_token_id=7, max_seq_len=64,
-               param_dtype="float32", compute_dtype="float32")
-    cfg.update(overrides)
-    return DenoiserConfig(**cfg)
-
-
 PRESETS = {
     "llada_8b": llada_8b,
     "dream_7b": dream_7b,
     "tiny_llada": tiny_llada,
     "tiny_dream": tiny_dream,
-    "sudoku_tiny": sudoku_tiny,
 }
-
-
-def preset(name: str, **overrides) -> DenoiserConfig:
-    """Look up a preset by name, e.g. ``preset("llada_8b", remat="full")``."""
-    try:
-        fn = PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}") from None
-    return fn(**overrides)

@@ -28,7 +28,7 @@ and the trainer call inside ``jit``. :class:`Denoiser` is the user-facing NNX mo
 tree as ``nnx.Param`` variables.
 
 Optional LoRA adapters enter through ``lora``: a dict ``{target: {"a": ..., "b": ...}}`` with targets
-among ``q, k, v, o, gate, up, down`` (shapes in :mod:`gdsd_jax.rl.lora`); ``lora=None`` is the base model.
+among ``q, k, v, o, gate, up, down`` (shapes in :mod:`gdsd_jax.models.lora`); ``lora=None`` is the base model.
 """
 
 from __future__ import annotations

@@ -98,10 +98,10 @@ def _vocab_chunk(w: jax.Array, c: int, i) -> tuple[jax.Array, jax.Array, jax.Arr
     nominal = i * c
     start = jnp.minimum(nominal, v - c)
     cols = start + jnp.arange(c, dtype=jnp.int32)
-    return _dynamic_slice(w, start, c, axis=1), cols, cols >= nominal
+    return dynamic_slice(w, start, c, axis=1), cols, cols >= nominal
 
 
-def _dynamic_slice(a: jax.Array, start, size: int, axis: int) -> jax.Array:
+def dynamic_slice(a: jax.Array, start, size: int, axis: int) -> jax.Array:
     """``lax.dynamic_slice_in_dim``; on CPU, 16-bit floats are sliced as raw bits because XLA's CPU
     backend otherwise upcasts a bf16 operand to fp32 before slicing and hoists that full-size copy out
     of the loop (a 1.9 GiB fp32 copy of LLaDA's head). Other backends slice bf16 natively."""
@@ -111,7 +111,7 @@ def _dynamic_slice(a: jax.Array, start, size: int, axis: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(a, start, size, axis=axis)
 
 
-def _over_vocab(w: jax.Array, vocab_chunk: int | None, step: Callable, init, remat: bool = True):
+def over_vocab(w: jax.Array, vocab_chunk: int | None, step: Callable, init, remat: bool = True):
     """Fold ``step(carry, w_chunk [D, c], cols [c], fresh [c]) -> carry`` over the LM-head columns.
 
     With ``remat`` the step is rematerialised (``jax.checkpoint``) and slices ``w`` inside the
@@ -135,7 +135,7 @@ def _position_chunk(a: jax.Array, s: int, i):
     length = a.shape[1]
     nominal = i * s
     start = jnp.minimum(nominal, length - s)
-    return _dynamic_slice(a, start, s, axis=1), start + jnp.arange(s) >= nominal
+    return dynamic_slice(a, start, s, axis=1), start + jnp.arange(s) >= nominal
 
 
 def _assemble(ys: jax.Array, length: int) -> jax.Array:
@@ -147,7 +147,7 @@ def _assemble(ys: jax.Array, length: int) -> jax.Array:
     return jnp.concatenate([head, ys[n - 1][:, n * s - length:]], axis=1)
 
 
-def _over_positions(fn: Callable, seq_chunk: int | None, length: int, *arrays, remat: bool = True):
+def over_positions(fn: Callable, seq_chunk: int | None, length: int, *arrays, remat: bool = True):
     """Apply ``fn(*chunks) -> pytree of [R, S, ...]`` over chunks of axis 1 of ``arrays`` (``None``
     entries pass through) and assemble each output to [R, P, ...]."""
     s, n = _num_chunks(length, seq_chunk)
@@ -183,11 +183,11 @@ def _logprob_forward(h, w, targets, shift, vocab_chunk, seq_chunk, mesh):
             return m_new, ssum, zy + _gather_in_chunk(z, t_c, cols, fresh)
 
         init = (jnp.full((r, s), -jnp.inf, acc), jnp.zeros((r, s), acc), jnp.zeros((r, s), acc))
-        m, ssum, zy = _over_vocab(w, vocab_chunk, step, init, remat=False)
+        m, ssum, zy = over_vocab(w, vocab_chunk, step, init, remat=False)
         lse = m + jnp.log(ssum)
         return zy - lse, lse
 
-    return _over_positions(chunk_fn, seq_chunk, targets.shape[1], h, targets, shift, remat=False)
+    return over_positions(chunk_fn, seq_chunk, targets.shape[1], h, targets, shift, remat=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -227,7 +227,7 @@ def head_backward(h: jax.Array, w: jax.Array, per_position: Sequence, dz_fn: Cal
             dz = jnp.where(new[None, :, None] & fresh, dz, 0.0).astype(h.dtype)
             dh_c = dh_c + jnp.einsum("rsc,dc->rsd", dz, w_c.astype(h.dtype), preferred_element_type=acc)
             upd = jnp.einsum("rsd,rsc->dc", h_c, dz, preferred_element_type=acc)
-            dw = lax.dynamic_update_slice_in_dim(dw, _dynamic_slice(dw, cols[0], c, axis=1) + upd, cols[0], axis=1)
+            dw = lax.dynamic_update_slice_in_dim(dw, dynamic_slice(dw, cols[0], c, axis=1) + upd, cols[0], axis=1)
             return (dh_c, dw), None
 
         (dh_c, dw), _ = lax.scan(voc_body, (jnp.zeros(h_c.shape, acc), dw), jnp.arange(nv, dtype=jnp.int32))
@@ -317,10 +317,10 @@ def token_scores(h: jax.Array, w: jax.Array, targets: jax.Array, *, kind: str = 
             return top, zy
 
         init = (jnp.full((r, s, topk), -jnp.inf, acc), jnp.zeros((r, s), acc))
-        top, zy = _over_vocab(w, vocab_chunk, step, init)
+        top, zy = over_vocab(w, vocab_chunk, step, init)
         return zy - jnp.mean(top, axis=-1)
 
-    return _over_positions(chunk_fn, seq_chunk, targets.shape[1], h, targets)
+    return over_positions(chunk_fn, seq_chunk, targets.shape[1], h, targets)
 
 
 def _gather_in_chunk(z: jax.Array, targets: jax.Array, cols: jax.Array, fresh: jax.Array) -> jax.Array:

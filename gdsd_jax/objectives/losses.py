@@ -41,10 +41,6 @@ def clamp_passthrough(x: jax.Array, lo, hi) -> jax.Array:
     return jnp.where(inside, x, lax.stop_gradient(jnp.clip(x, lo, hi)))
 
 
-def _sg(x):
-    return None if x is None else lax.stop_gradient(x)
-
-
 def _mean(x):
     return jnp.mean(lax.stop_gradient(x).astype(jnp.float32))
 
@@ -54,7 +50,8 @@ def _wmean(x, w):
     return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
-def _check_ref(beta: float, ref) -> None:
+def check_ref(beta: float, ref) -> None:
+    """A KL term (``beta != 0``) needs the reference statistics: a clear error instead of a failure inside jit."""
     if beta != 0.0 and ref is None:
         raise ValueError(f"beta={beta} != 0 but no reference statistics were given (ref_stats=None)")
 
@@ -68,7 +65,7 @@ def gdsd_loss(ell: jax.Array, ell_old: jax.Array | None, ell_ref: jax.Array | No
     as the official code for num_iterations == 1), ell_ref [B, M] or None (allowed when β = 0),
     advantages [B], length [B] the scored length n_b.
     """
-    _check_ref(beta, ell_ref)
+    check_ref(beta, ell_ref)
     b, m = ell.shape
     old = lax.stop_gradient(ell) if ell_old is None else lax.stop_gradient(ell_old)
     adv = lax.stop_gradient(advantages).astype(ell.dtype)[:, None]
@@ -109,7 +106,7 @@ def espo_loss(ell: jax.Array, ell_old: jax.Array | None, ell_ref: jax.Array | No
               kl_estimator: str = "k2") -> LossOutput:
     """ESPO (``espo_trainer.py``): PPO on the sequence ratio ``ρ = exp((ℓ̄θ - ℓ̄old)/n)`` of the coupled
     ELBO averaged over the M draws, plus ``β Σ k2(ℓ̄θ, ℓ̄ref)/(B n)``. Shapes as :func:`gdsd_loss`."""
-    _check_ref(beta, ell_ref)
+    check_ref(beta, ell_ref)
     b = ell.shape[0]
     lbar = jnp.mean(ell, axis=1)
     old = lax.stop_gradient(lbar) if ell_old is None else lax.stop_gradient(jnp.mean(ell_old, axis=1))
@@ -162,7 +159,7 @@ def d1_loss(logp: jax.Array, logp_old: jax.Array | None, logp_ref: jax.Array | N
 
     logp / logp_old / logp_ref [B, L], advantages [B], weights [B, L] (completion mask).
     """
-    _check_ref(beta, logp_ref)
+    check_ref(beta, logp_ref)
     old = lax.stop_gradient(logp) if logp_old is None else lax.stop_gradient(logp_old)
     adv = lax.stop_gradient(advantages).astype(logp.dtype)[:, None]
     w = weights.astype(logp.dtype)

@@ -44,8 +44,14 @@ from jax.sharding import Mesh
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.objectives import losses
 from gdsd_jax.objectives.config import OBJECTIVE_NAMES, ObjectiveConfig
-from gdsd_jax.objectives.loglik import (coupled_hidden, coupled_statistic, multi_mask_logprobs, one_step_logprobs,
-                                        position_weights, scored_length)
+from gdsd_jax.objectives.loglik import (
+    coupled_hidden,
+    coupled_statistic,
+    multi_mask_logprobs,
+    one_step_logprobs,
+    position_weights,
+    scored_length,
+)
 from gdsd_jax.objectives.masking import coupled_masks, d1_masks, spg_block_random_masks
 from gdsd_jax.objectives.teacher import logit_match_sqdist
 from gdsd_jax.objectives.types import LossOutput, RolloutBatch
@@ -188,7 +194,7 @@ class GDSDLogit(Objective):
     def loss(self, params, model_cfg, batch, masks, old_stats, ref_stats, advantages, cfg, *, lora=None,
              mesh=None):
         self._check(cfg, batch, advantages)
-        losses._check_ref(cfg.beta, ref_stats)
+        losses.check_ref(cfg.beta, ref_stats)
         is_mask = masks["is_mask"]
         b, m, length = is_mask.shape
         w = params["lm_head"]

@@ -36,8 +36,15 @@ from jax import lax
 from jax.sharding import Mesh
 
 from gdsd_jax.distributed.mesh import constrain
-from gdsd_jax.objectives.loglik import (_dynamic_slice, _over_positions, _over_vocab, acc_dtype, head_backward,
-                                        head_logits, vocab_mean_logit)
+from gdsd_jax.objectives.loglik import (
+    acc_dtype,
+    dynamic_slice,
+    head_backward,
+    head_logits,
+    over_positions,
+    over_vocab,
+    vocab_mean_logit,
+)
 
 
 def teacher_sequence_target(ell_old: jax.Array, advantages: jax.Array, length, *, psi: float, beta: float = 0.0,
@@ -112,7 +119,7 @@ def _residual(h_c, w_c, cols, fresh, hts_c, wts, coefs, t_c, e_c, off_c, mesh):
     """d_v = [z_v - Σ c z_t,v] - offset - e·1[v = y] on one vocabulary chunk (0 on stale columns)."""
     z = head_logits(h_c, w_c)
     for c, x, wt in zip(coefs, hts_c, wts):
-        z = z - c * head_logits(x, _dynamic_slice(wt, cols[0], w_c.shape[1], axis=1))
+        z = z - c * head_logits(x, dynamic_slice(wt, cols[0], w_c.shape[1], axis=1))
     z = constrain(z, mesh, ("batch", "length", "vocab"))
     d = z - off_c[..., None] - jnp.where(cols == t_c[..., None], e_c[..., None], 0.0)
     return jnp.where(fresh, d, 0.0)
@@ -131,9 +138,9 @@ def _sqdist_forward(h, w, hts, wts, targets, energy, coefs, vocab_chunk, seq_chu
             d = _residual(h_c, w_c, cols, fresh, hts_c, wts, coefs, t_c, e_c, off_c, mesh)
             return carry[0] + jnp.sum(d * d, axis=-1), carry[1] + jnp.sum(d, axis=-1)
         zero = jnp.zeros(t_c.shape, acc)
-        return _over_vocab(w, vocab_chunk, step, (zero, zero), remat=False)
+        return over_vocab(w, vocab_chunk, step, (zero, zero), remat=False)
 
-    s2, s1 = _over_positions(chunk_fn, seq_chunk, targets.shape[1], h, targets, energy, offset, *hts, remat=False)
+    s2, s1 = over_positions(chunk_fn, seq_chunk, targets.shape[1], h, targets, energy, offset, *hts, remat=False)
     return s2, s1, offset
 
 

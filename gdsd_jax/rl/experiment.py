@@ -46,11 +46,29 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 import yaml
+from tqdm.auto import tqdm
 
-from gdsd_jax.config_io import ConfigError, apply_overrides, parse_override, read_yaml, resolve_config_path, to_dict
+from gdsd_jax.checkpoint.params_io import is_params_checkpoint, restore_params, save_params
+from gdsd_jax.config_io import (
+    ConfigError,
+    apply_overrides,
+    build,
+    load_config,
+    parse_override,
+    read_yaml,
+    resolve_config_path,
+    to_dict,
+)
+from gdsd_jax.rl.run import run_train
 from gdsd_jax.rl.stats import mean_ci, paired_bootstrap_ci, seed_stats
+from gdsd_jax.sft.run import warm_start
+from gdsd_jax.training.config import TrainConfig
+from gdsd_jax.training.evaluate import evaluate
+from gdsd_jax.training.metrics import parse_records
+from gdsd_jax.training.setup import build_mesh, build_model, build_task_and_adapter, eval_examples
 
 TAIL = 10  # steps averaged for "final rollout reward" and the selection tie-break
 SELECTION_SPLIT = "validation"   # hyper-parameters are chosen here ...
@@ -393,8 +411,6 @@ def read_records(run_dir: str | Path) -> list[dict]:
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return []
-    from gdsd_jax.rl.metrics import parse_records     # jax-free import path for the rest of this module
-
     return parse_records(p.read_text(), p)
 
 
@@ -476,9 +492,6 @@ def smooth(v: np.ndarray, w: int) -> np.ndarray:
 
 def write_run_config(spec: RunSpec, out: Path) -> Path:
     """Resolve the run's config (validated) and write it to ``RUN_DIR/run_config.yaml``."""
-    from gdsd_jax.config_io import build
-    from gdsd_jax.rl.config import TrainConfig
-
     d = spec.run_dir(out)
     tree = apply_overrides(read_yaml(spec.config), [*spec.overrides, f"output_dir={d}"])
     cfg = build(TrainConfig, tree).validate()
@@ -502,10 +515,6 @@ def _finish(spec: RunSpec, out: Path, wall: float, keep_checkpoints: bool) -> No
 
 
 def run_inprocess(config_path: Path, progress: bool) -> None:
-    from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
-    from gdsd_jax.rl.run import run_train
-
     cfg = load_config(TrainConfig, config_path)
     run_train(cfg, resume=True, progress=progress)
 
@@ -525,8 +534,6 @@ def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: boo
             keep_checkpoints: bool = False, env: dict | None = None,
             runner: Callable[[Path], None] | None = None, say: Callable[[str], None] = print) -> list[str]:
     """Run every unfinished spec; returns the error messages of failed runs (the others still run)."""
-    from tqdm.auto import tqdm
-
     todo = [s for s in specs if not is_finished(s.run_dir(out))]
     if len(specs) > len(todo):
         say(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; skipping them")
@@ -578,12 +585,6 @@ def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=pr
     """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start,
     stopped on the validation split), and its greedy reward on the validation and the test split, measured
     once for every run of the task (``warm_start_eval_path``)."""
-    from gdsd_jax.checkpoint.params_io import is_params_checkpoint, restore_params, save_params
-    from gdsd_jax.config_io import load_config
-    from gdsd_jax.rl.config import TrainConfig
-    from gdsd_jax.rl.evaluate import evaluate
-    from gdsd_jax.rl.run import build_mesh, build_model, build_task_and_adapter, eval_examples, warm_start
-
     paths = {}
     for task in tasks:
         t = exp.tasks[task]
@@ -688,7 +689,7 @@ def _group_stats(specs: Sequence[RunSpec], out: Path, initial: float | None = No
 
 def plot_groups(groups: dict[str, dict], path: Path, title: str, extra_key: str | None = None) -> Path:
     """One PNG: rollout reward (smoothed per seed) and greedy test reward vs step, mean ± std over seeds."""
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only plotting needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -733,7 +734,7 @@ def plot_groups(groups: dict[str, dict], path: Path, title: str, extra_key: str 
 
 
 def _claims(exp: Experiment, stats: dict, tasks: Sequence[str]) -> list[str]:
-    """Plain statements of the paper's claims (gdsd_paper.md §5.2) against the measured numbers."""
+    """Plain statements of the paper's claims (the GDSD paper, §5.2) against the measured numbers."""
     tol = float(exp.claims.get("tolerance", 0.03))
     collapse = float(exp.claims.get("collapse_fraction", 0.5))
     lines = [f"Criteria: *stable* = the mean-over-seeds test-reward curve ends within {tol} of its maximum; "
@@ -979,8 +980,6 @@ def run_experiment(path: str | Path, *, only: Sequence[str] | None = None, jobs:
     out.mkdir(parents=True, exist_ok=True)
     env = {}
     if exp.compilation_cache:
-        import jax
-
         jax.config.update("jax_compilation_cache_dir", exp.compilation_cache)
         env["JAX_COMPILATION_CACHE_DIR"] = exp.compilation_cache
     warm = prepare_warm_starts(exp, out, tasks, say, progress=progress)

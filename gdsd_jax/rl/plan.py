@@ -49,7 +49,9 @@ functions (rollout, statistics) are compiled once per mode and reused for every 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,11 +60,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
+from gdsd_jax.checkpoint.params_io import is_params_checkpoint, read_config
 from gdsd_jax.config_io import ConfigError
-from gdsd_jax.models.config import DenoiserConfig, REMAT_POLICIES, dtype_from_name, preset
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
+from gdsd_jax.distributed.mesh import batch_sharding, make_mesh, parse_mesh_spec
+from gdsd_jax.models.config import REMAT_POLICIES, DenoiserConfig, dtype_from_name
+from gdsd_jax.models.denoiser import abstract_params
+from gdsd_jax.models.lora import lora_shapes, lora_shardings
+from gdsd_jax.objectives.types import RolloutBatch
+from gdsd_jax.rl.trainer import RLTrainer
+from gdsd_jax.training.config import TrainConfig
+from gdsd_jax.training.presets import model_preset
 
 GIB = 2 ** 30
 
@@ -94,8 +106,6 @@ _TPU_TOPOLOGY = {
 
 def require_libtpu(target: str) -> None:
     """Raise a clear error when ``target`` is a TPU generation and the TPU compiler (libtpu) is not installed."""
-    import importlib.util
-
     if target == "cpu":
         return
     try:
@@ -111,9 +121,7 @@ def require_libtpu(target: str) -> None:
 def tpu_devices(generation: str, num_devices: int) -> list:
     """Abstract devices of a TPU slice with ``num_devices`` chips, for deviceless ahead-of-time compilation
     (``jax.experimental.topologies``; the TPU compiler comes from the ``libtpu`` package, no TPU is needed)."""
-    import os
-
-    from jax.experimental.topologies import get_topology_desc
+    from jax.experimental.topologies import get_topology_desc  # lazy: only the TPU target plans need it
 
     if generation not in _TPU_TOPOLOGY:
         raise ValueError(f"TPU generation {generation!r}; expected one of {sorted(_TPU_TOPOLOGY)}")
@@ -148,16 +156,13 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
       (model config, a short description of where it came from).
     """
     if preset_name:
-        base, source = preset(preset_name), f"preset {preset_name}"
+        base, source = model_preset(preset_name), f"preset {preset_name}"
     elif cfg.model.preset:
-        base, source = preset(cfg.model.preset), f"preset {cfg.model.preset}"
+        base, source = model_preset(cfg.model.preset), f"preset {cfg.model.preset}"
     else:
         ckpt = cfg.model.checkpoint
         base = None
         if ckpt and Path(ckpt).exists():
-            from gdsd_jax.checkpoint.params_io import is_params_checkpoint, read_config
-            from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
-
             if is_params_checkpoint(ckpt):
                 base, source = read_config(ckpt), f"checkpoint {ckpt}"
             elif is_hf_checkpoint(ckpt):
@@ -165,9 +170,11 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
         if base is None:
             name = Path(str(ckpt)).name.lower()
             if "llada" in name:
-                base, source = preset("llada_8b", param_dtype="bfloat16"), "llada_8b (bf16, from the checkpoint name)"
+                base = model_preset("llada_8b", param_dtype="bfloat16")
+                source = "llada_8b (bf16, from the checkpoint name)"
             elif "dream" in name:
-                base, source = preset("dream_7b", param_dtype="bfloat16"), "dream_7b (bf16, from the checkpoint name)"
+                base = model_preset("dream_7b", param_dtype="bfloat16")
+                source = "dream_7b (bf16, from the checkpoint name)"
             else:
                 raise ConfigError(f"model.checkpoint={ckpt!r} is not available here and its name names no known "
                                   "family; pass --preset (e.g. llada_8b or dream_7b)")
@@ -203,8 +210,6 @@ def auto_mesh(num_devices: int, cfg: TrainConfig, model_cfg: DenoiserConfig) -> 
 def mesh_from_spec(spec: str | None, num_devices: int, cfg: TrainConfig, model_cfg: DenoiserConfig,
                    devices: Sequence | None = None) -> Mesh:
     """``"auto"``/None -> :func:`auto_mesh`; ``"recipe"`` -> ``distributed.mesh``; else ``data=..,fsdp=..``."""
-    from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
-
     devs = list(devices if devices is not None else jax.devices())[:num_devices]
     if len(devs) < num_devices:
         raise ValueError(f"{num_devices} devices requested but only {len(devs)} are available")
@@ -337,11 +342,6 @@ def _mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
 
 def abstract_inputs(trainer, mesh: Mesh) -> dict:
     """Abstract (sharded) state, frozen tree, prompts, batch and advantages of ``trainer``'s RL step."""
-    from gdsd_jax.distributed.mesh import batch_sharding
-    from gdsd_jax.models.denoiser import abstract_params
-    from gdsd_jax.objectives.types import RolloutBatch
-    from gdsd_jax.rl.lora import lora_shapes, lora_shardings
-
     cfg, mcfg = trainer.cfg, trainer.model_cfg
     rep = NamedSharding(mesh, P())
     params = abstract_params(mcfg, mesh)
@@ -397,10 +397,6 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
       progress: tqdm bar over the compilations.
       log: called with one line per compiled function (name, seconds).
     """
-    from tqdm.auto import tqdm
-
-    from gdsd_jax.rl.trainer import RLTrainer
-
     for r in remats:
         if r not in REMAT_POLICIES:
             raise ValueError(f"remat {r!r}; expected one of {REMAT_POLICIES}")

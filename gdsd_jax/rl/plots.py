@@ -11,7 +11,7 @@ import numpy as np
 from etils import epath
 
 from gdsd_jax.checkpoint.params_io import storage_path
-from gdsd_jax.rl.metrics import read_metrics
+from gdsd_jax.training.metrics import read_metrics
 
 
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def _save(fig, path: epath.Path) -> None:
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[epath.Path]:
     """Write ``reward.png`` and ``diagnostics.png`` to ``out_dir`` (default ``<run_dir>/plots``); returns their paths."""
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only plotting needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

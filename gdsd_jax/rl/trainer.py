@@ -1,6 +1,6 @@
 """The RL trainer: rollout -> rewards -> advantages -> ``num_iterations`` inner updates.
 
-One RL step (``gdsd_paper.md`` §2.1, ``DESIGN.md``):
+One RL step (the GDSD paper, arXiv 2605.29398, §2.1):
 
 1. ``P`` prompts from the Grain pipeline (this process's slice), each repeated ``G`` times.
 2. Rollout: the jitted diffusion sampler on the training mesh (one compiled program).
@@ -21,27 +21,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gdsd_jax.checkpoint.integrity import all_finite
-from gdsd_jax.config_io import to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
 from gdsd_jax.errors import UserError
+from gdsd_jax.models import lora as lora_lib
 from gdsd_jax.models.config import DenoiserConfig
-from gdsd_jax.models.denoiser import param_shardings
-from gdsd_jax.rl import lora as lora_lib
-from gdsd_jax.rl.config import TrainConfig
+from gdsd_jax.objectives import get_objective
+from gdsd_jax.objectives.advantages import compute_advantages
+from gdsd_jax.objectives.types import RolloutBatch
 from gdsd_jax.rl.dynamic_sampling import group_rows, groups_by_spread
+from gdsd_jax.sampling import generate
+from gdsd_jax.training.config import TrainConfig
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -127,8 +128,6 @@ class RLTrainer:
 
     def __init__(self, cfg: TrainConfig, model_cfg: DenoiserConfig, base_params, mesh: Mesh, adapter, task,
                  *, tokenizer=None):
-        from gdsd_jax.objectives import get_objective
-
         self.cfg = cfg
         self.mesh = mesh
         self.adapter = adapter
@@ -196,8 +195,6 @@ class RLTrainer:
 
     # ---- compiled functions -----------------------------------------------------------------------
     def _build_functions(self) -> None:
-        from gdsd_jax.sampling import generate
-
         parts, mcfg, mesh = self.parts, self.model_cfg, self.mesh
         objective, ocfg = self.objective, self.obj_cfg
         tx = self.tx
@@ -267,9 +264,6 @@ class RLTrainer:
         """Run one RL step on this process's rollout prompts (``cfg.rollout_prompts`` in all; with dynamic
         sampling the ``rl.prompts_per_step`` groups of largest reward spread are trained on); returns the
         new state and host metrics."""
-        from gdsd_jax.objectives.advantages import compute_advantages
-        from gdsd_jax.objectives.types import RolloutBatch
-
         rl = self.cfg.rl
         g = rl.num_generations
         step = int(state["step"])

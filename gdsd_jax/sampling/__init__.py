@@ -14,13 +14,18 @@ parallel decoding (:mod:`gdsd_jax.sampling.blockwise`); ``out.nfe`` counts the m
 See ``docs/sampling.md`` for the algorithms and where they differ from the upstream PyTorch code.
 """
 
+from gdsd_jax.sampling.api import check_inputs, generate, generate_jit
 from gdsd_jax.sampling.common import SampleOutput, completion_mask
 from gdsd_jax.sampling.config import ALGORITHMS, CACHES, DREAM_OFFICIAL_TOP_K, REMASKING, SAMPLERS, SamplingConfig
 from gdsd_jax.sampling.dream import dream_generate, sample_tokens
-from gdsd_jax.sampling.api import check_inputs, generate, generate_jit
 from gdsd_jax.sampling.llada import llada_generate
-from gdsd_jax.sampling.schedules import (dream_origin_probs, dream_timesteps, dream_transfer_fractions,
-                                         dream_transfer_schedule, llada_transfer_schedule)
+from gdsd_jax.sampling.schedules import (
+                                         dream_origin_probs,
+                                         dream_timesteps,
+                                         dream_transfer_fractions,
+                                         dream_transfer_schedule,
+                                         llada_transfer_schedule,
+)
 
 __all__ = [
     "ALGORITHMS", "CACHES", "DREAM_OFFICIAL_TOP_K", "REMASKING", "SAMPLERS", "SampleOutput", "SamplingConfig", "check_inputs",

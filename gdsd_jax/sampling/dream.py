@@ -27,8 +27,15 @@ from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.sampling.blockwise import decode_blocks
-from gdsd_jax.sampling.common import (NEG_INF, ban_mask_token, gumbel_argmax, select_above, select_top,
-                                      top_k_filter, top_p_filter)
+from gdsd_jax.sampling.common import (
+    NEG_INF,
+    ban_mask_token,
+    gumbel_argmax,
+    select_above,
+    select_top,
+    top_k_filter,
+    top_p_filter,
+)
 from gdsd_jax.sampling.config import SamplingConfig
 from gdsd_jax.sampling.schedules import dream_transfer_fractions
 

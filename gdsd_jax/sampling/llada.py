@@ -26,8 +26,15 @@ from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.sampling.blockwise import decode_blocks
-from gdsd_jax.sampling.common import (NEG_INF, ban_mask_token, gumbel_argmax, log_prob_of, select_above,
-                                      select_top, set_columns)
+from gdsd_jax.sampling.common import (
+    NEG_INF,
+    ban_mask_token,
+    gumbel_argmax,
+    log_prob_of,
+    select_above,
+    select_top,
+    set_columns,
+)
 from gdsd_jax.sampling.config import SamplingConfig
 from gdsd_jax.sampling.schedules import llada_transfer_schedule
 

@@ -6,7 +6,7 @@ trainer needs goes through :class:`Task`; the trainer never imports a task modul
 Two prompt formats exist:
 
 * the **official chat prompt** (``prompt_messages`` + ``prompt_prefill``) for LLaDA / Dream, whose text goes
-  through a tokenizer's chat template (see :mod:`gdsd_jax.data.prompts`); training and evaluation prompts
+  through a tokenizer's chat template (see :mod:`gdsd_jax.tasks.prompts`); training and evaluation prompts
   differ (``split="train"`` vs ``split="test"``), as in the official code;
 * a **compact token format** for the tiny default model (Sudoku and Countdown only): the prompt is a short
   list of token ids, the completion a fixed number of ids, scored by ``compact_reward``.
@@ -126,17 +126,6 @@ class Task:
 
     compact_prompt_length: int = 0
     compact_completion_length: int = 0
-
-    def compact_rewards(self, completion_ids: Any, examples: Sequence[dict]) -> np.ndarray:
-        """Rewards of a batch of compact completions ``[N, Lc]`` -> float32 ``[N]``."""
-        ids = np.asarray(completion_ids)
-        if ids.ndim != 2 or ids.shape[0] != len(examples):
-            raise ValueError(
-                f"compact_rewards: completion_ids must be [N, Lc] with N = len(examples) = {len(examples)}, "
-                f"got shape {ids.shape}"
-            )
-        return np.asarray([self.compact_reward(row.tolist(), ex) for row, ex in zip(ids, examples)],
-                          dtype=np.float32)
 
 
 def check_protocol(setting: str, protocol: str, offered: Sequence[str]) -> str:

@@ -34,12 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gdsd_jax.data.tokenizer import (
-    COUNTDOWN_CHARS,
-    COUNTDOWN_EOS,
-    COUNTDOWN_SEP,
-    countdown_tokenizer,
-)
+from gdsd_jax.data.tokenizer import CharTokenizer
 from gdsd_jax.tasks import arith
 from gdsd_jax.tasks.base import Task, WeightedReward, check_protocol
 from gdsd_jax.tasks.files import (
@@ -53,6 +48,20 @@ from gdsd_jax.tasks.files import (
 )
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import XML_FORMAT, boxed_contents, last_answer_tag, last_boxed
+
+#: Compact Countdown ids: digits 0-9, ``+ - * / ( )`` = 10..15, ``,`` = 16, SEP 17 (``|``), MASK 18 (``?``),
+#: EOS/PAD 19 (``$``).
+COUNTDOWN_CHARS = "0123456789+-*/(),"
+COUNTDOWN_SEP, COUNTDOWN_MASK, COUNTDOWN_EOS = 17, 18, 19
+
+
+def countdown_tokenizer() -> CharTokenizer:
+    """Vocabulary 20 of the compact Countdown format."""
+    pieces = {i: ch for i, ch in enumerate(COUNTDOWN_CHARS)}
+    pieces.update({COUNTDOWN_SEP: "|", COUNTDOWN_MASK: "?", COUNTDOWN_EOS: "$"})
+    return CharTokenizer(pieces, {"sep": COUNTDOWN_SEP, "mask": COUNTDOWN_MASK, "eos": COUNTDOWN_EOS},
+                         name="countdown")
+
 
 MIN_NUMBER, MAX_NUMBER = 1, 99
 MIN_TARGET, MAX_TARGET = 1, 99

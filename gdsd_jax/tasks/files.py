@@ -105,7 +105,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        import pyarrow
+        import pyarrow  # lazy: optional (the data extra), only for .parquet files
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(path, None, None, "reading Parquet needs the 'pyarrow' package (pip install pyarrow), "

@@ -23,7 +23,6 @@ from gdsd_jax.tasks.base import LocalFileTask, WeightedReward
 from gdsd_jax.tasks.files import DataError, is_nonempty_str, is_str, load_rows
 from gdsd_jax.tasks.text import XML_FORMAT, first_answer_text, is_equiv, last_boxed, remove_boxed
 
-
 XML_INSTRUCTION = "\n\nYou are a math expert. Solve the problem step by step. Wrap the final answer in a \\boxed{}.\n\n"
 PLAIN_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 EVAL_SYSTEM_PROMPT = (
@@ -95,7 +94,7 @@ def verify_math(response: str, gold: str) -> bool:
     ``math-verify`` bounds its work with SIGALRM timeouts, which only work in the main thread; elsewhere the
     timeouts are disabled (reward scoring is then unbounded in time for pathological inputs).
     """
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # lazy: heavy (sympy, antlr), only the MATH task needs it
 
     in_main = threading.current_thread() is threading.main_thread()
     kw = {} if in_main else {"parsing_timeout": None}

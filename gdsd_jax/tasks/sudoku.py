@@ -39,11 +39,32 @@ from pathlib import Path
 
 import numpy as np
 
-from gdsd_jax.data.tokenizer import SUDOKU_SEP, sudoku_tokenizer
+from gdsd_jax.data.tokenizer import CharTokenizer
+from gdsd_jax.models.config import DenoiserConfig, tiny_llada
 from gdsd_jax.tasks.base import Task, WeightedReward, check_protocol
 from gdsd_jax.tasks.files import DataError, load_rows, official_data_path, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import last_answer_tag
+
+#: Compact Sudoku ids: digits 0-4 (0 = blank), SEP 5 (``|``), MASK 6 (``?``), EOS/PAD 7 (``$``).
+SUDOKU_SEP, SUDOKU_MASK, SUDOKU_EOS = 5, 6, 7
+
+
+def sudoku_tokenizer() -> CharTokenizer:
+    """Vocabulary 8 of the tiny Sudoku model (``configs/sudoku_tiny.yaml``)."""
+    pieces = {i: str(i) for i in range(5)}
+    pieces.update({SUDOKU_SEP: "|", SUDOKU_MASK: "?", SUDOKU_EOS: "$"})
+    return CharTokenizer(pieces, {"sep": SUDOKU_SEP, "mask": SUDOKU_MASK, "eos": SUDOKU_EOS}, name="sudoku")
+
+
+def tiny_model(**overrides) -> DenoiserConfig:
+    """The ``sudoku_tiny`` model preset of the embedded default: a ~150k-parameter LLaDA-family denoiser
+    (width 64, 3 layers, SwiGLU 256) over the compact Sudoku vocabulary above."""
+    cfg = dict(vocab_size=8, num_layers=3, mlp_dim=256, rope_theta=10000.0, mask_token_id=SUDOKU_MASK,
+               eos_token_id=SUDOKU_EOS, pad_token_id=SUDOKU_EOS, max_seq_len=64)
+    cfg.update(overrides)
+    return tiny_llada(**cfg)
+
 
 NUM_CELLS = 16
 MIN_BLANKS, MAX_BLANKS = 6, 10

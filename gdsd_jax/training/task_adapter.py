@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gdsd_jax.tasks.base import Task
+from gdsd_jax.tasks.base import Task, score_batch
+from gdsd_jax.tasks.prompts import PromptConfig, build_prompts
 
 
 @dataclasses.dataclass
@@ -83,13 +84,11 @@ class CompactAdapter:
 
 
 class ChatAdapter:
-    """Official chat prompts through a tokenizer (prefill included, see :mod:`gdsd_jax.data.prompts`);
+    """Official chat prompts through a tokenizer (prefill included, see :mod:`gdsd_jax.tasks.prompts`);
     rewards from the task's reward functions (:func:`gdsd_jax.tasks.base.score_batch`)."""
 
     def __init__(self, task: Task, tokenizer, prompt_length: int, *, split: str = "train", truncate: str = "left",
                  reward_weights: dict[str, float] | None = None):
-        from gdsd_jax.data.prompts import PromptConfig
-
         self.task = task
         self.tok = tokenizer
         self.prompt_length = prompt_length
@@ -99,8 +98,6 @@ class ChatAdapter:
         self.truncated = 0
 
     def encode(self, examples: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-        from gdsd_jax.data.prompts import build_prompts
-
         batch = build_prompts(self.task, examples, self.tok, self.prompt_cfg)
         self.truncated += batch.num_truncated
         return batch.prompt_ids, batch.prompt_mask
@@ -128,8 +125,6 @@ class ChatAdapter:
         return self.task.eval_metrics(texts, list(examples)), texts
 
     def score(self, completion_ids: np.ndarray, completion_mask: np.ndarray, examples: Sequence[dict]) -> Scores:
-        from gdsd_jax.tasks.base import score_batch
-
         texts = self.decode(completion_ids, completion_mask)
         total, per_fn, failures = score_batch(self.task, texts, list(examples))
         if self.reward_weights:  # rl.reward_weights overrides the recipe's weights by function name

@@ -1,7 +1,7 @@
 """Run configuration of RL training, SFT and evaluation (one YAML file per run, see ``configs/``).
 
-Every setting of the official GDSD recipes (``gdsd_paper.md`` §5.1) is a field here. Sections whose
-fields belong to another module (``sampling`` -> :class:`gdsd_jax.sampling.SamplingConfig`,
+Every setting of the official GDSD recipes (the GDSD paper, arXiv 2605.29398, §5.1) is a field here.
+Sections whose fields belong to another module (``sampling`` -> :class:`gdsd_jax.sampling.SamplingConfig`,
 ``objective`` -> :class:`gdsd_jax.objectives.ObjectiveConfig`) are kept as mappings in the file and
 validated by constructing those classes in :meth:`TrainConfig.validate`, so a wrong key still fails at
 start naming the key.
@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from gdsd_jax.config_io import ConfigError, check_ranges, ranged
+from gdsd_jax.distributed.mesh import mesh_shape, parse_mesh_spec
+from gdsd_jax.loading import model_family
+from gdsd_jax.models.lora import TARGETS as LORA_TARGETS
+from gdsd_jax.objectives import ObjectiveConfig, get_objective
+from gdsd_jax.sampling import SamplingConfig
+from gdsd_jax.tasks.base import check_task_arguments
+from gdsd_jax.training.presets import model_preset
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,8 +38,10 @@ class TaskSection:
     format: Literal["compact", "chat"] = "compact"
     prompt_length: int = ranged(17, gt=0)
     truncate: Literal["left", "error"] = "left"
-    system_prompt: bool = True
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Keys older configs may set that nothing reads any more: a clear error instead of a silent no-op.
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "system_prompt": "each task builds its official prompt, system text included"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,8 +61,9 @@ class RLSection:
     advantage: Literal["loo", "group_mean"] | None = None
     scale_std: bool | None = None
     reward_weights: dict[str, float] = dataclasses.field(default_factory=dict)
-    reference_refresh_every: int = ranged(0, ge=0)   # 0 = the reference stays the initial model
     max_nonfinite_in_a_row: int = ranged(5, ge=1)
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "reference_refresh_every": "the reference model is always the initial model"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,7 +162,6 @@ class TrainConfig:
     tensorboard: bool = True
 
     def sampling_config(self, **extra):
-        from gdsd_jax.sampling import SamplingConfig
         try:
             return SamplingConfig(**{**self.sampling, **extra})
         except (TypeError, ValueError) as e:
@@ -162,7 +171,6 @@ class TrainConfig:
         return self.sampling_config(**self.eval.sampling)
 
     def objective_config(self):
-        from gdsd_jax.objectives import ObjectiveConfig
         try:
             return ObjectiveConfig(**self.objective)
         except (TypeError, ValueError) as e:
@@ -171,7 +179,6 @@ class TrainConfig:
     def advantage_settings(self) -> tuple[str, bool]:
         """``(method, scale_std)`` of the run's advantages: ``rl.advantage`` / ``rl.scale_std`` where set,
         otherwise the objective's own (:class:`gdsd_jax.objectives.registry.Objective`)."""
-        from gdsd_jax.objectives import get_objective
         objective = get_objective(self.objective_config().name)
         method = objective.advantage_method if self.rl.advantage is None else self.rl.advantage
         scale_std = objective.advantage_scale_std if self.rl.scale_std is None else self.rl.scale_std
@@ -210,10 +217,9 @@ class TrainConfig:
             raise ConfigError(f"lora.dropout={self.lora.dropout}: adapter dropout is not supported (the adapters "
                               f"are deterministic; the official recipes' 0.05 is not reproduced); set it to 0")
         if self.lora.enabled:
-            from gdsd_jax.rl.lora import TARGETS
-            if not self.lora.targets or set(self.lora.targets) - set(TARGETS):
+            if not self.lora.targets or set(self.lora.targets) - set(LORA_TARGETS):
                 raise ConfigError(f"lora.targets={list(self.lora.targets)}: expected a non-empty subset of "
-                                  f"{list(TARGETS)}")
+                                  f"{list(LORA_TARGETS)}")
         family = self._model_family()
         self._check_task()
         for key, scfg in (("sampling", self.sampling_config()), ("eval.sampling", self.eval_sampling_config())):
@@ -227,12 +233,11 @@ class TrainConfig:
     def _model_family(self) -> str | None:
         """The model family when it is known without loading weights (a preset, or a checkpoint's config)."""
         if self.model.checkpoint:
-            return _checkpoint_family(self.model.checkpoint)
+            return model_family(self.model.checkpoint)
         if self.model.preset is None:
             raise ConfigError("model: set model.preset or model.checkpoint")
-        from gdsd_jax.models.config import preset
         try:
-            return preset(self.model.preset, **self.model.overrides).family
+            return model_preset(self.model.preset, **self.model.overrides).family
         except TypeError as e:
             raise ConfigError(f"model.overrides: {e}") from None
         except ValueError as e:
@@ -241,7 +246,6 @@ class TrainConfig:
     def _check_task(self) -> None:
         """The task exists, takes ``task.kwargs`` and offers the evaluation protocol they ask for (the
         official one evaluates chat prompts)."""
-        from gdsd_jax.tasks.base import check_task_arguments
         try:
             check_task_arguments(self.task.name, self.task.kwargs)
         except ValueError as e:
@@ -251,7 +255,6 @@ class TrainConfig:
                               f"task.format=chat, got {self.task.format!r}")
 
     def _mesh_axes(self) -> dict[str, int]:
-        from gdsd_jax.distributed.mesh import parse_mesh_spec
         try:
             return parse_mesh_spec(self.distributed.mesh)
         except ValueError as e:
@@ -259,7 +262,6 @@ class TrainConfig:
 
     def _check_batches(self, axes: dict[str, int], num_devices: int, num_processes: int) -> None:
         """Every global batch must split evenly over the data-parallel devices (data x fsdp) and processes."""
-        from gdsd_jax.distributed.mesh import mesh_shape
         try:
             shape = mesh_shape(num_devices, **axes)
         except ValueError as e:
@@ -276,24 +278,6 @@ class TrainConfig:
         for key, n, parts, what in batches:
             if n % parts:
                 raise ConfigError(f"{key}={n} does not split evenly over {what}; make it a multiple of {parts}")
-
-
-def _checkpoint_family(path: str) -> str | None:
-    """Family recorded in a params checkpoint or an HF ``config.json``; None if it cannot be read cheaply."""
-    import json
-    from pathlib import Path
-
-    from gdsd_jax.checkpoint.params_io import META_FILE
-    p = Path(path)
-    try:
-        if (p / META_FILE).is_file():
-            return json.loads((p / META_FILE).read_text())["config"]["family"]
-        if (p / "config.json").is_file():
-            from gdsd_jax.convert.hf_config import infer_family
-            return infer_family(json.loads((p / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None     # a remote path or an unusual layout: the loader reports problems when it reads it
 
 
 def _check_sampler_layout(key: str, scfg, family: str | None) -> None:

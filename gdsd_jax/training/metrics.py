@@ -29,6 +29,12 @@ from tqdm.auto import tqdm
 from gdsd_jax.checkpoint.params_io import is_remote, storage_path
 
 
+def log(msg: str) -> None:
+    """One console line from process 0, printed above any progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(msg, file=sys.stdout)
+
+
 def _clean(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()
@@ -70,7 +76,7 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # lazy: heavy, and only with tensorboard=True
 
             if self.remote:
                 # tensorboardX writes remote event files through google-cloud-storage (gs://) or boto3 (s3://)

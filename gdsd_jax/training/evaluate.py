@@ -26,6 +26,7 @@ from gdsd_jax.checkpoint.params_io import storage_path
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
 from gdsd_jax.models.config import DenoiserConfig
+from gdsd_jax.sampling import generate
 
 
 @dataclasses.dataclass
@@ -49,8 +50,6 @@ _GEN_CACHE: dict = {}
 
 
 def _generate_fn(mesh):
-    from gdsd_jax.sampling import generate
-
     if mesh not in _GEN_CACHE:
         def run(params, lora, prompt_ids, prompt_mask, key, model_cfg, scfg):
             return generate(params, model_cfg, prompt_ids, prompt_mask, key, scfg, mesh=mesh, lora=lora)

@@ -1,0 +1,144 @@
+"""The package layers of docs/architecture.md, enforced on the import graph of ``gdsd_jax/``.
+
+Every import (at module top or inside a function) of one ``gdsd_jax`` unit (a sub-package or a top-level
+module) by another must be allowed by :data:`ALLOWED`; the table itself is acyclic, so the packages are; no
+module imports another module's leading-underscore name.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gdsd_jax"
+
+#: unit -> the units it may import (docs/architecture.md draws the same table). A unit is a sub-package of
+#: ``gdsd_jax`` or one of its top-level modules; ``gdsd_jax`` itself is the package's ``__init__``.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "config_io": {"errors"},
+    "allocator": {"errors"},
+    "distributed": set(),
+    "data": set(),
+    "models": {"distributed"},
+    "tasks": {"errors", "data", "models"},
+    "sampling": {"models", "distributed"},
+    "objectives": {"models", "distributed"},
+    "checkpoint": {"models", "distributed"},
+    "convert": {"checkpoint", "models"},
+    "loading": {"checkpoint", "convert", "models"},
+    "training": {"config_io", "distributed", "models", "data", "tasks", "sampling", "objectives", "checkpoint",
+                 "loading"},
+    "sft": {"config_io", "distributed", "models", "checkpoint", "training"},
+    "rl": {"errors", "config_io", "allocator", "distributed", "models", "data", "tasks", "sampling", "objectives",
+           "checkpoint", "convert", "loading", "training", "sft"},
+    "commands": {"gdsd_jax", "errors", "config_io", "allocator", "distributed", "models", "data", "tasks", "sampling",
+                 "objectives", "checkpoint", "convert", "loading", "training", "sft", "rl"},
+    "cli": {"errors", "allocator", "commands"},
+    "gdsd_jax": {"loading"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "gdsd_jax"
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``(line, imported module, imported names)`` of every absolute ``gdsd_jax`` import in ``path``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, []) for a in node.names if a.name.split(".")[0] == "gdsd_jax"]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}:{node.lineno}: relative import (the package uses absolute ones)"
+            if node.module and node.module.split(".")[0] == "gdsd_jax":
+                out.append((node.lineno, node.module, [a.name for a in node.names]))
+    return out
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_module(name: str) -> bool:
+    return name in MODULES
+
+
+def test_every_unit_has_a_row():
+    units = {_unit(m) for m in MODULES}
+    assert units == set(ALLOWED), (f"units without a row in ALLOWED: {sorted(units - set(ALLOWED))}; "
+                                   f"rows without a unit: {sorted(set(ALLOWED) - units)}")
+
+
+def test_the_layer_table_has_no_cycle():
+    state: dict[str, int] = {}
+
+    def visit(unit: str, trail: list[str]) -> None:
+        if state.get(unit) == 1:
+            raise AssertionError(f"cycle in ALLOWED: {' -> '.join(trail + [unit])}")
+        if state.get(unit) == 2:
+            return
+        state[unit] = 1
+        for dep in sorted(ALLOWED[unit]):
+            visit(dep, trail + [unit])
+        state[unit] = 2
+
+    for unit in sorted(ALLOWED):
+        visit(unit, [])
+
+
+def test_imports_follow_the_layers():
+    bad = []
+    for module, path in MODULES.items():
+        unit = _unit(module)
+        for line, imported, _ in _imports(path):
+            target = _unit(imported)
+            if target != unit and target not in ALLOWED[unit]:
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {unit} imports {imported} ({target})")
+    assert not bad, "imports against docs/architecture.md:\n" + "\n".join(bad)
+
+
+def test_no_module_uses_another_modules_private_names():
+    bad = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        aliases = {}                                          # local name -> gdsd_jax module it is bound to
+        for line, imported, names in _imports(path):
+            if imported == module:
+                continue
+            for name in names:
+                if name.startswith("_") and not name.startswith("__"):
+                    bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: imports {imported}.{name}")
+                if _is_module(f"{imported}.{name}"):
+                    aliases[name] = f"{imported}.{name}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.asname and _is_module(a.name):
+                        aliases[a.asname] = a.name
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gdsd_jax"):
+                for a in node.names:
+                    if a.asname and _is_module(f"{node.module}.{a.name}"):
+                        aliases[a.asname] = f"{node.module}.{a.name}"
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and aliases[node.value.id] != module and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: uses "
+                           f"{aliases[node.value.id]}.{node.attr}")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("bad_edge", [("models", "gdsd_jax.checkpoint.params_io"),
+                                      ("data", "gdsd_jax.tasks.base"), ("sampling", "gdsd_jax.rl.trainer")])
+def test_the_check_catches_an_upward_import(bad_edge):
+    """The rule the layer test applies rejects the edges that used to form cycles."""
+    unit, imported = bad_edge
+    assert _unit(imported) not in ALLOWED[unit]
