@@ -79,7 +79,7 @@ class CompactAdapter:
                      ) -> tuple[dict[str, list[float]], list[str]]:
         """The project's protocol for the compact format: ``accuracy`` = solved, i.e. the compact reward
         reaches its maximum 1.0 (all blanks right / a correct expression)."""
-        rewards = self.task.compact_rewards(completion_ids, examples)
+        rewards = self.score(completion_ids, completion_mask, examples).rewards
         return {"accuracy": [float(r >= 1.0) for r in rewards]}, self.decode(completion_ids)
 
 
