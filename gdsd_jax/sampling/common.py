@@ -12,7 +12,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from gdsd_jax.distributed.mesh import constrain
 from gdsd_jax.sampling.config import SamplingConfig
 
 NEG_INF = -jnp.inf
@@ -58,6 +60,20 @@ def set_columns(logits: jax.Array, ids, value: float) -> jax.Array:
     for i in ids:
         hit = hit | (vocab == i)
     return jnp.where(hit, jnp.asarray(value, logits.dtype), logits)
+
+
+def initial_canvas(prompt_ids: jax.Array, prompt_mask: jax.Array | None, gen_length: int, mask_id: int,
+                   mesh: Mesh | None) -> tuple[jax.Array, jax.Array | None]:
+    """The sampler's starting rows: ``x`` int32 [B, Lp + Lg], the prompt then ``gen_length`` mask tokens, and
+    the attention mask int32 [B, Lp + Lg] (the prompt's, the completion attended) or None without one."""
+    bsz = prompt_ids.shape[0]
+    x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((bsz, gen_length), mask_id, jnp.int32)], axis=1)
+    x = constrain(x, mesh, ("batch", "length"))
+    am = None
+    if prompt_mask is not None:
+        am = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((bsz, gen_length), jnp.int32)], axis=1)
+        am = constrain(am, mesh, ("batch", "length"))
+    return x, am
 
 
 def ban_mask_token(logits: jax.Array, mask_id: int, cfg: SamplingConfig) -> jax.Array:

@@ -31,6 +31,7 @@ from gdsd_jax.sampling.common import (
     NEG_INF,
     ban_mask_token,
     gumbel_argmax,
+    initial_canvas,
     select_above,
     select_top,
     top_k_filter,
@@ -94,12 +95,7 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     # With a threshold, positions are revealed by the probability of their sampled token (Fast-dLLM).
     confidence = "prob" if cfg.threshold is not None else _CONFIDENCE[cfg.alg]
 
-    x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((bsz, lg), mask_id, jnp.int32)], axis=1)
-    x = constrain(x, mesh, ("batch", "length"))
-    am = None
-    if prompt_mask is not None:
-        am = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((bsz, lg), jnp.int32)], axis=1)
-        am = constrain(am, mesh, ("batch", "length"))
+    x, am = initial_canvas(prompt_ids, prompt_mask, lg, mask_id, mesh)
 
     def step_fn(logits, cur, masked, i, key):
         """One step on the block: logits [B, P, V] f32 -> (tokens [B, P], positions to reveal [B, P])."""

@@ -30,6 +30,7 @@ from gdsd_jax.sampling.common import (
     NEG_INF,
     ban_mask_token,
     gumbel_argmax,
+    initial_canvas,
     log_prob_of,
     select_above,
     select_top,
@@ -56,12 +57,7 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     mask_id = model_cfg.mask_token_id
     counts = jnp.asarray(llada_transfer_schedule(blk, spb))            # [spb], static table
 
-    x = jnp.concatenate([prompt_ids.astype(jnp.int32), jnp.full((bsz, lg), mask_id, jnp.int32)], axis=1)
-    x = constrain(x, mesh, ("batch", "length"))
-    am = None
-    if prompt_mask is not None:
-        am = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((bsz, lg), jnp.int32)], axis=1)
-        am = constrain(am, mesh, ("batch", "length"))
+    x, am = initial_canvas(prompt_ids, prompt_mask, lg, mask_id, mesh)
 
     no_conf = [model_cfg.eos_token_id] + ([cfg.eot_token_id] if cfg.eot_token_id is not None else [])
 

@@ -502,14 +502,7 @@ class Sandbox:
             return list(pool.map(run, programs, tests))
 
 
-_DEFAULT: Sandbox | None = None
-_DEFAULT_LOCK = threading.Lock()
-
-
+@functools.cache
 def default_sandbox() -> Sandbox:
     """A process-wide sandbox with the default configuration (created on first use)."""
-    global _DEFAULT
-    with _DEFAULT_LOCK:
-        if _DEFAULT is None:
-            _DEFAULT = Sandbox()
-        return _DEFAULT
+    return Sandbox()

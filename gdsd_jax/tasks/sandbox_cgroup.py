@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import os
 import secrets
 import signal
-import threading
 import time
 
 _ROOT = "/sys/fs/cgroup"
@@ -181,14 +181,7 @@ class CgroupManager:
                 pass
 
 
-_MANAGER: CgroupManager | None = None
-_LOCK = threading.Lock()
-
-
+@functools.cache
 def cgroup_manager() -> CgroupManager:
     """The process-wide manager (probed once)."""
-    global _MANAGER
-    with _LOCK:
-        if _MANAGER is None:
-            _MANAGER = CgroupManager()
-        return _MANAGER
+    return CgroupManager()
