@@ -112,7 +112,7 @@ def test_nonfinite_stop_saves_only_finite_state_and_says_what_exists(tmp_path, m
 def test_checkpointer_refuses_to_save_a_nonfinite_state(tmp_path):
     ck = RunCheckpointer(tmp_path / "ck", async_save=False)
     with pytest.raises(ValueError, match=r"refusing to save checkpoint step 1 .*non-finite values in b/w"):
-        ck.save(1, {"a": jnp.ones(3), "b": {"w": jnp.array([1.0, jnp.nan])}}, None, {})
+        ck.save(1, {"a": jnp.ones(3), "b": {"w": jnp.array([1.0, jnp.nan])}}, {})
     assert ck.all_steps() == []
     ck.close()
 
@@ -165,7 +165,7 @@ def _damage(step_dir: Path, kind: str) -> None:
 def _three_steps(directory: Path) -> None:
     ck = RunCheckpointer(directory, keep=5, async_save=False)
     for i in (1, 2, 3):
-        ck.save(i, _state(i), None, {"i": i, "config": {"x": [1, 2]}})
+        ck.save(i, _state(i), {"i": i, "config": {"x": [1, 2]}})
     ck.close()
 
 
@@ -187,7 +187,7 @@ def test_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, kind):
     # The damaged step is kept for inspection, out of the way of the run, which writes step 3 again.
     assert Path(moved) == tmp_path / "ck.rejected" / "3" and Path(moved).is_dir()
     assert ck.all_steps() == [1, 2]
-    ck.save(3, _state(3), None, {"i": 3})
+    ck.save(3, _state(3), {"i": 3})
     assert ck.restore(3, abstract_like(_state(0)))[1] == {"i": 3}
     ck.close()
 

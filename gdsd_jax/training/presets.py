@@ -17,5 +17,5 @@ def model_preset(name: str, **overrides) -> DenoiserConfig:
     try:
         fn = MODEL_PRESETS[name]
     except KeyError:
-        raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {sorted(MODEL_PRESETS)}") from None
+        raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(MODEL_PRESETS)}") from None
     return fn(**overrides)
