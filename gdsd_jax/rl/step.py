@@ -152,7 +152,11 @@ class StepFunctions:
 
 
 def _bind(fn, ctx: StepContext, **jit_kwargs):
-    return jax.jit(functools.wraps(fn)(functools.partial(fn, ctx)), **jit_kwargs)
+    # A partial (not functools.wraps, whose __wrapped__ would put ``ctx`` back into the signature jit reads
+    # to name the static and donated arguments), carrying the function's name and docstring.
+    bound = functools.partial(fn, ctx)
+    bound.__name__, bound.__doc__ = fn.__name__, fn.__doc__
+    return jax.jit(bound, **jit_kwargs)
 
 
 def compile_step(ctx: StepContext) -> StepFunctions:
