@@ -64,7 +64,7 @@ def key(config: str, devices: int, target: str, mode: str, remat: str) -> str:
 
 def markdown(results: dict) -> str:
     """Tables grouped by (config, target): one line per devices x mode x remat, GiB per device."""
-    from gdsd_jax.rl.plan import TPU_HBM_GB, hbm_gib
+    from gdsd_jax.experiments.plan import TPU_HBM_GB, hbm_gib
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for e in results["entries"].values():

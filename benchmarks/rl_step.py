@@ -5,10 +5,10 @@ Everything is measured in one process, back to back, so that the ratios are fair
 (a) the matmul peak: best of several large fp32 ``jnp.dot`` (2048^3, 4096^3) in GFLOP/s;
 (b) one full RL step (:meth:`gdsd_jax.rl.trainer.RLTrainer.rl_step`) after a warm-up step: generation,
     reward, old/reference scoring, update; tokens/s as the trainer reports it (rows x (Lp + Lg) / step time);
-(c) the update step alone (the trainer's jitted ``_update``) repeated ``--update-repeats`` times: its model
-    FLOPs (closed form, :func:`update_flops`) / time / peak = MFU;
+(c) the update step alone (the trainer's jitted ``fns.update``, :func:`gdsd_jax.rl.step.update`) repeated
+    ``--update-repeats`` times: its model FLOPs (closed form, :func:`update_flops`) / time / peak = MFU;
 (d) ratios: the jitted rollout sampler against the plain per-step loop of the tests (the baseline of
-    ``benchmarks/sampling_throughput.py``), and the scoring pass (the trainer's ``_statistics``) with the
+    ``benchmarks/sampling_throughput.py``), and the scoring pass (the trainer's ``fns.statistics``) with the
     chunked LM head against the unchunked full-logits log-likelihood (``vocab_chunk=None, seq_chunk=None``);
 (e) ``--profile DIR``: a JAX profile of the update step, with the top ops by time aggregated from its
     Perfetto trace.
@@ -92,7 +92,8 @@ class SyntheticAdapter:
 def train_config(args, **objective) -> TrainConfig:
     rows = args.prompts * args.group
     return TrainConfig(
-        task=TaskSection(name="synthetic", prompt_length=args.prompt_len),
+        # The trainer gets the synthetic adapter above; the config names a registered task only to validate.
+        task=TaskSection(name="sudoku", prompt_length=args.prompt_len),
         sampling=dict(gen_length=args.gen_len, steps=args.steps, block_length=args.block, temperature=1.0,
                       remasking="low_confidence"),
         objective=dict(name="gdsd", **objective),
@@ -238,18 +239,18 @@ def main(argv=None) -> int:
     # inputs of the update step: one rollout
     pid = jnp.asarray(np.repeat(trainer.adapter.encode(examples)[0], args.group, axis=0))
     pmask = jnp.ones_like(pid)
-    out = trainer._rollout(state["trainable"], frozen, pid, pmask, jax.random.key(1), trainer.sampling_cfg)
+    out = trainer.fns.rollout(state["trainable"], frozen, pid, pmask, jax.random.key(1), trainer.sampling_cfg)
     batch = RolloutBatch(sequences=out.sequences, prompt_mask=pmask, completion_mask=out.completion_mask,
                          prompt_len=lp)
-    masks = trainer._draw_masks(jax.random.key(2), batch)
-    ref = trainer._statistics(frozen, None, batch, masks)
+    masks = trainer.fns.draw_masks(jax.random.key(2), batch)
+    ref = trainer.fns.statistics(frozen, None, batch, masks)
     adv = jnp.asarray(np.linspace(-1, 1, rows), jnp.float32)
 
     # (c) the update step alone
     holder = {"state": state}
 
     def one_update():
-        holder["state"], mu = trainer._update(holder["state"], frozen, batch, masks, None, ref, adv)
+        holder["state"], mu = trainer.fns.update(holder["state"], frozen, batch, masks, None, ref, adv)
         return mu["loss"]
 
     t0 = time.perf_counter()
@@ -270,8 +271,8 @@ def main(argv=None) -> int:
     # (d1) scoring: chunked vs unchunked
     naive = RLTrainer(train_config(args, vocab_chunk=None, seq_chunk=None), cfg, params, mesh,
                       SyntheticAdapter(), task=None)
-    score = lambda: trainer._statistics(frozen, None, batch, masks)  # noqa: E731
-    score_naive = lambda: naive._statistics(frozen, None, batch, masks)  # noqa: E731
+    score = lambda: trainer.fns.statistics(frozen, None, batch, masks)  # noqa: E731
+    score_naive = lambda: naive.fns.statistics(frozen, None, batch, masks)  # noqa: E731
     jax.block_until_ready((score(), score_naive()))
     sc_s, _ = timed(score, args.score_repeats)
     scn_s, _ = timed(score_naive, args.score_repeats)
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
     sflops = forward_flops(cfg, 2 * rows, lp + lg, rows * lg)
     res["scoring"] = dict(chunked_s=sc_s, unchunked_s=scn_s, ratio=scn_s / sc_s, max_abs_diff=diff,
                           chunked_mfu=sflops / sc_s / 1e9 / peak)
-    print(f"scoring (_statistics, one pass pair): chunked {sc_s:.3f} s (MFU {100 * sflops / sc_s / 1e9 / peak:.1f}%),"
+    print(f"scoring (statistics, one pass pair): chunked {sc_s:.3f} s (MFU {100 * sflops / sc_s / 1e9 / peak:.1f}%),"
           f" unchunked {scn_s:.3f} s -> unchunked/chunked {scn_s / sc_s:.2f}x; max |diff| {diff:.2e}", flush=True)
 
     # (d2) generation vs the per-step loop (temperature 0 so both produce the same tokens)

@@ -34,8 +34,10 @@ ALLOWED: dict[str, set[str]] = {
     "sft": {"config_io", "distributed", "models", "checkpoint", "training"},
     "rl": {"errors", "config_io", "allocator", "distributed", "models", "data", "tasks", "sampling", "objectives",
            "checkpoint", "convert", "loading", "training", "sft"},
+    "experiments": {"errors", "config_io", "allocator", "distributed", "models", "data", "tasks", "sampling",
+                    "objectives", "checkpoint", "convert", "loading", "training", "sft", "rl"},
     "commands": {"gdsd_jax", "errors", "config_io", "allocator", "distributed", "models", "data", "tasks", "sampling",
-                 "objectives", "checkpoint", "convert", "loading", "training", "sft", "rl"},
+                 "objectives", "checkpoint", "convert", "loading", "training", "sft", "rl", "experiments"},
     "cli": {"errors", "allocator", "commands"},
     "gdsd_jax": {"loading"},
 }
@@ -134,6 +136,61 @@ def test_no_module_uses_another_modules_private_names():
                 bad.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: uses "
                            f"{aliases[node.value.id]}.{node.attr}")
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+#: Leading-underscore attributes that are public API where they live: ``os._exit`` (exit without the
+#: interpreter's teardown, documented by the standard library).
+PUBLIC_UNDERSCORE = {"os._exit"}
+
+
+def _own_private_names(tree: ast.AST) -> set[str]:
+    """Leading-underscore names a module defines itself: functions, classes, assigned attributes and names,
+    keyword arguments it passes (``parser.set_defaults(_run=...)``)."""
+    own = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            own.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            own.add(node.id)
+        elif isinstance(node, ast.keyword) and node.arg:
+            own.add(node.arg)
+    return {n for n in own if n.startswith("_")}
+
+
+def private_attribute_reads(path: Path) -> list[str]:
+    """``X._name`` reads in ``path`` where ``X`` is not ``self`` / ``cls`` and ``_name`` is not one the module
+    defines itself: a reach into another module's object (``trainer._update``, ``module._helper``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    own = _own_private_names(tree)
+    bad = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            continue
+        if node.attr in own or ast.unparse(node) in PUBLIC_UNDERSCORE:
+            continue
+        bad.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_no_module_reads_another_objects_private_attributes():
+    """Outside the tests, nothing reads a leading-underscore attribute of an object it did not define (the
+    trainer's step functions, say, are public: :mod:`gdsd_jax.rl.step`)."""
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").rglob("*.py")]
+    bad = [line for path in sorted(files) for line in private_attribute_reads(path)]
+    assert not bad, "private attributes read across modules:\n" + "\n".join(bad)
+
+
+def test_the_private_attribute_check_catches_a_reach_into_the_trainer(tmp_path):
+    """The old planner's call of the trainer's private step function is caught; the module's own private
+    attributes and ``self._x`` are not."""
+    src = tmp_path / "planner.py"
+    src.write_text("class A:\n    def f(self):\n        self._x = 1\n        return self._x\n\n"
+                   "def plan(tr, a):\n    return tr._update, a._x\n")
+    assert [line.split(": ", 1)[1] for line in private_attribute_reads(src)] == ["tr._update"]
 
 
 @pytest.mark.parametrize("bad_edge", [("models", "gdsd_jax.checkpoint.params_io"),

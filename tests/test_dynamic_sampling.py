@@ -66,11 +66,11 @@ def test_the_trainer_updates_on_the_chosen_groups_only(tmp_path):
     cfg, trainer, task = _trainer(tmp_path, "rl.rollout_prompts_per_step=8")
     assert cfg.rollout_prompts == 8 and (trainer.rollout_rows, trainer.rows) == (32, 16)
     # The memory planner compiles the rollout at the generated rows and the update at the trained rows.
-    from gdsd_jax.rl.plan import abstract_inputs
+    from gdsd_jax.experiments.plan import abstract_inputs
     inp = abstract_inputs(trainer, trainer.mesh)
     assert inp["prompt_ids"].shape[0] == 32 and inp["batch"].sequences.shape[0] == 16
     seen = {}
-    score, update = trainer.adapter.score, trainer._update
+    score, update = trainer.adapter.score, trainer.fns.update
 
     def spy_score(comp, cmask, examples):
         out = score(comp, cmask, examples)
@@ -81,7 +81,7 @@ def test_the_trainer_updates_on_the_chosen_groups_only(tmp_path):
         seen.setdefault("batches", []).append(np.asarray(batch.sequences))
         return update(state, frozen, batch, *rest)
 
-    trainer.adapter.score, trainer._update = spy_score, spy_update
+    trainer.adapter.score, trainer.fns.update = spy_score, spy_update
     state, frozen = trainer.init_state()
     examples = list(task.examples("train"))[:8]
     _, m = trainer.rl_step(state, frozen, examples)

@@ -96,19 +96,19 @@ def test_sharded_lora_update_equals_the_single_device_update(tmp_path):
         rows = [ex for ex in examples for _ in range(4)]
         pids, pmask = adapter.encode(rows)
         if not results:          # the rollout of the sharded run, reused by both (sampling is not compared)
-            out = trainer._rollout(state["trainable"], frozen, pids, pmask, jax.random.key(3), trainer.sampling_cfg)
+            out = trainer.fns.rollout(state["trainable"], frozen, pids, pmask, jax.random.key(3), trainer.sampling_cfg)
             seqs, cmask = np.asarray(out.sequences), np.asarray(out.completion_mask)
             rewards = adapter.score(seqs[:, pids.shape[1]:], cmask, rows).rewards
         batch = RolloutBatch(sequences=jnp.asarray(seqs), prompt_mask=jnp.asarray(pmask),
                              completion_mask=jnp.asarray(cmask), prompt_len=pids.shape[1])
-        masks = trainer._draw_masks(jax.random.key(4), batch)
+        masks = trainer.fns.draw_masks(jax.random.key(4), batch)
         # One micro-batch of all 16 rows: masks and statistics are already grouped as the update wants them.
-        old = (trainer._statistics(*trainer.parts.policy(state["trainable"], frozen), batch, masks)
+        old = (trainer.fns.statistics(*trainer.parts.policy(state["trainable"], frozen), batch, masks)
                if trainer.needs_old else None)
-        ref = trainer._statistics(*trainer.parts.reference(state["trainable"], frozen), batch, masks)
+        ref = trainer.fns.statistics(*trainer.parts.reference(state["trainable"], frozen), batch, masks)
         adv = compute_advantages(jnp.asarray(rewards), 4)
         before = jax.tree.map(np.asarray, state["trainable"])
-        new_state, m = trainer._update(state, frozen, batch, masks, old, ref, adv)
+        new_state, m = trainer.fns.update(state, frozen, batch, masks, old, ref, adv)
         results.append((before, jax.tree.map(np.asarray, new_state["trainable"]), float(m["loss"]),
                         new_state["trainable"]))
     (b0, p0, l0, sharded), (b1, p1, l1, _) = results

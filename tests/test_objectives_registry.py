@@ -384,3 +384,24 @@ def test_bad_batch_and_advantages():
     masks = obj.draw_masks(jax.random.key(0), batch, cfg)
     with pytest.raises(ValueError, match="advantages"):
         obj.loss(_params()[0], MODEL, batch, masks, None, None, jnp.zeros(3), cfg)
+
+
+@pytest.mark.parametrize("name", ["gdsd", "gdsd_tlc", "espo", "d1", "wd1", "spg", "gdsd_logit"])
+def test_each_objective_names_per_iteration_metrics_its_loss_reports(name):
+    """The per-iteration metrics an objective names are among those its loss returns (the trainer once
+    hard-coded ``clip_fraction`` / ``in_band_fraction``, names no loss reports, so those were never logged)."""
+    obj = get_objective(name)
+    cfg = ObjectiveConfig(name=name, **(dict(block_length=4) if name == "spg" else {}))
+    batch = _batch(4, 3, 8, seed=7)
+    _, out = _run(name, cfg, batch, jnp.asarray([1.0, -0.5, 0.25, -0.75]), jax.random.key(2))
+    assert set(obj.iteration_metrics) <= set(out.metrics)
+    if name in ("gdsd", "gdsd_tlc", "espo", "d1"):       # the ratio/clip objectives report how far the policy moved
+        assert {"inside_clip_frac", "mean_abs_delta"} <= set(obj.iteration_metrics)
+
+
+def test_step_metrics_average_the_updates_and_list_the_named_ones_per_iteration():
+    obj = get_objective("espo")
+    updates = {"clip_frac": [0.25, 0.5], "loss": [1.0, 2.0], "kl": [0.5, 0.5]}
+    assert obj.step_metrics(updates) == {"clip_frac": 0.375, "loss": 1.5, "kl": 0.5,
+                                         "clip_frac/iter0": 0.25, "clip_frac/iter1": 0.5}
+    assert obj.step_metrics({k: v[:1] for k, v in updates.items()}) == {"clip_frac": 0.25, "loss": 1.0, "kl": 0.5}

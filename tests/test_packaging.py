@@ -24,7 +24,7 @@ def test_config_paths_resolve_to_the_shipped_configs_from_any_directory(tmp_path
     for name in ("configs/llada_8b_math.yaml", "llada_8b_math.yaml"):
         assert resolve_config_path(name).read_text() == (REPO / "configs/llada_8b_math.yaml").read_text()
     # An experiment names its task configs by the same paths.
-    from gdsd_jax.rl.experiment import load_experiment
+    from gdsd_jax.experiments.spec import load_experiment
     exp = load_experiment("configs/experiments/tiny_baselines.yaml")
     assert Path(exp.tasks["sudoku"].config).read_text() == (REPO / "configs/sudoku_tiny.yaml").read_text()
     (tmp_path / "configs").mkdir()

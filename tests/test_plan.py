@@ -123,8 +123,8 @@ def _cfg(*overrides) -> TrainConfig:
 
 
 def test_auto_mesh_splits_the_micro_batch_over_fsdp_then_tensor():
+    from gdsd_jax.experiments.plan import auto_mesh
     from gdsd_jax.models.config import llada_8b
-    from gdsd_jax.rl.plan import auto_mesh
 
     cfg, model = _cfg(), llada_8b()          # micro-batch 32 rows, 32 heads
     assert auto_mesh(8, cfg, model) == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -136,8 +136,8 @@ def test_auto_mesh_splits_the_micro_batch_over_fsdp_then_tensor():
 
 
 def test_mesh_that_does_not_split_the_batch_is_refused():
+    from gdsd_jax.experiments.plan import mesh_from_spec
     from gdsd_jax.models.config import llada_8b
-    from gdsd_jax.rl.plan import mesh_from_spec
 
     with pytest.raises(ValueError, match="micro_batch_size=12"):
         mesh_from_spec("data=1,fsdp=8,tensor=1", 8, _cfg("rl.micro_batch_size=12", "rl.prompts_per_step=16"),
@@ -145,7 +145,7 @@ def test_mesh_that_does_not_split_the_batch_is_refused():
 
 
 def test_model_is_resolved_without_weights():
-    from gdsd_jax.rl.plan import resolve_model_config
+    from gdsd_jax.experiments.plan import resolve_model_config
 
     model, source = resolve_model_config(_cfg())      # checkpoint absent here: family from its name, bf16
     assert (model.family, model.num_layers, model.hidden_size, model.param_dtype) == ("llada", 32, 4096, "bfloat16")

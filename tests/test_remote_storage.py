@@ -120,7 +120,7 @@ def test_training_run_writes_and_resumes_in_a_bucket(fake_gcs, tmp_path, capsys)
     for a, b in zip(jax.tree.leaves(remote), jax.tree.leaves(local)):
         np.testing.assert_array_equal(a, b)
 
-    from gdsd_jax.rl.plots import plot_run
+    from gdsd_jax.experiments.plots import plot_run
     from gdsd_jax.training.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(url)] == steps

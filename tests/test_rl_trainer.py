@@ -154,14 +154,14 @@ def test_recipe_builds_train_step_shapes(name):
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     batch = RolloutBatch(sequences=i32(rows, lp + lg), prompt_mask=i32(rows, lp), completion_mask=i32(rows, lg),
                          prompt_len=lp)
-    masks = jax.eval_shape(trainer._draw_masks, jax.random.key(0), batch)
+    masks = jax.eval_shape(trainer.fns.draw_masks, jax.random.key(0), batch)
     def old_stats(st, fr):
-        return trainer._statistics(*trainer.parts.policy(st["trainable"], fr), batch, masks)
+        return trainer.fns.statistics(*trainer.parts.policy(st["trainable"], fr), batch, masks)
 
     old = jax.eval_shape(old_stats, state, frozen) if trainer.needs_old else None
-    ref = jax.eval_shape(trainer._statistics, frozen, None, batch, masks) if trainer.needs_ref else None
+    ref = jax.eval_shape(trainer.fns.statistics, frozen, None, batch, masks) if trainer.needs_ref else None
     adv = jax.ShapeDtypeStruct((rows,), jnp.float32)
-    new_state, metrics = jax.eval_shape(trainer._update, state, frozen, batch, masks, old, ref, adv)
+    new_state, metrics = jax.eval_shape(trainer.fns.update, state, frozen, batch, masks, old, ref, adv)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state["trainable"]) == \
         jax.tree.map(lambda a: (a.shape, a.dtype), state["trainable"])
     assert metrics["loss"].shape == ()
@@ -254,21 +254,21 @@ def test_gradient_accumulation_is_exact(tmp_path):
     state, frozen = full.init_state()
     examples = list(task.examples("train"))[:4]
     pids, pmask = full.adapter.encode([ex for ex in examples for _ in range(4)])
-    out = full._rollout(state["trainable"], frozen, pids, pmask, jax.random.key(3), full.sampling_cfg)
+    out = full.fns.rollout(state["trainable"], frozen, pids, pmask, jax.random.key(3), full.sampling_cfg)
     seqs = np.asarray(out.sequences)
     rewards = full.adapter.score(seqs[:, pids.shape[1]:], np.asarray(out.completion_mask),
                                  [ex for ex in examples for _ in range(4)]).rewards
     adv = compute_advantages(jnp.asarray(rewards), 4)
     batch = RolloutBatch(sequences=jnp.asarray(seqs), prompt_mask=jnp.asarray(pmask),
                          completion_mask=out.completion_mask, prompt_len=pids.shape[1])
-    masks = full._draw_masks(jax.random.key(4), batch)
-    ref = full._statistics(*full.parts.reference(state["trainable"], frozen), batch, masks)
+    masks = full.fns.draw_masks(jax.random.key(4), batch)
+    ref = full.fns.statistics(*full.parts.reference(state["trainable"], frozen), batch, masks)
     results = []
     for micro in (16, 8, 4):
         _, trainer, _ = _trainer(tmp_path / str(micro), f"rl.micro_batch_size={micro}", "objective.beta=0.01")
         n = 16 // micro
         regroup = lambda t: jax.tree.map(lambda x: x.reshape(n, micro, *x.shape[2:]), t)  # noqa: E731
-        new_state, m = trainer._update(jax.tree.map(jnp.copy, state), frozen, batch, regroup(masks), None,
+        new_state, m = trainer.fns.update(jax.tree.map(jnp.copy, state), frozen, batch, regroup(masks), None,
                                        regroup(ref), adv)
         results.append((jax.tree.map(np.asarray, new_state["trainable"]), float(m["loss"])))
     for params, loss in results[1:]:
@@ -333,13 +333,13 @@ def test_d1_run_trains_with_d1_advantages(tmp_path, monkeypatch, extra, expected
 
     monkeypatch.setattr(CompactAdapter, "score", fixed)
     seen = []
-    update = trainer._update
+    update = trainer.fns.update
 
     def spy(state, frozen, batch, masks, old, ref, adv):
         seen.append(np.asarray(adv))
         return update(state, frozen, batch, masks, old, ref, adv)
 
-    trainer._update = spy
+    trainer.fns.update = spy
     state, frozen = trainer.init_state()
     trainer.rl_step(state, frozen, list(task.examples("train"))[:trainer.cfg.rl.prompts_per_step])
     np.testing.assert_allclose(seen[0], _numpy_advantages(rewards, g, *expected), rtol=1e-5, atol=1e-6)
@@ -388,20 +388,27 @@ def test_param_dtype_sets_the_trained_weights_and_moments_stay_fp32(tmp_path, we
 def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     from gdsd_jax.checkpoint.train_state import RunCheckpointer
     from gdsd_jax.rl import run as run_mod
-    from gdsd_jax.rl.trainer import NonFiniteError
+    from gdsd_jax.rl.trainer import NonFiniteError, RLTrainer
     from gdsd_jax.training.task_adapter import CompactAdapter
 
+    # Two clean training steps, then every rollout scores NaN (evaluation's scoring stays clean).
     calls = {"n": 0}
-    original = CompactAdapter.score
+    rollout_score, adapter_score = RLTrainer.score, CompactAdapter.score
 
-    def poisoned(self, ids, mask, examples):
-        calls["n"] += 1
-        s = original(self, ids, mask, examples)
-        if calls["n"] > 1 + 2:  # eval before training, then two clean steps, then NaN rewards
-            s.rewards = np.full_like(s.rewards, np.nan)
+    def nan_scores(adapter, ids, mask, examples):
+        s = adapter_score(adapter, ids, mask, examples)
+        s.rewards = np.full_like(s.rewards, np.nan)
         return s
 
-    monkeypatch.setattr(CompactAdapter, "score", poisoned)
+    def poisoned(self, gen, examples):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            return rollout_score(self, gen, examples)
+        with monkeypatch.context() as m:
+            m.setattr(CompactAdapter, "score", nan_scores)
+            return rollout_score(self, gen, examples)
+
+    monkeypatch.setattr(RLTrainer, "score", poisoned)
     cfg = tiny_cfg(tmp_path, "rl.max_nonfinite_in_a_row=2")
     with pytest.raises(NonFiniteError, match="non-finite"):
         run_mod.run_train(cfg, progress=False)

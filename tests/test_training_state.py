@@ -282,7 +282,7 @@ def _write_cut_short(path: Path) -> None:
 
 
 def test_metrics_cut_short_resume_and_plot(tmp_path, capsys):
-    from gdsd_jax.rl.plots import plot_run
+    from gdsd_jax.experiments.plots import plot_run
     from gdsd_jax.training.metrics import MetricsLogger, read_metrics
 
     path = tmp_path / "metrics.jsonl"

@@ -1,7 +1,7 @@
 """``gdsd-jax experiment CONFIG``: GDSD against the baselines over tasks, learning rates and seeds.
 
 Runs the learning-rate selection, then every method at its chosen point for every seed, then the studies,
-and writes ``OUT/results.md`` with PNG curves (see :mod:`gdsd_jax.rl.experiment`). Finished runs are
+and writes ``OUT/results.md`` with PNG curves (see :mod:`gdsd_jax.experiments.runner`). Finished runs are
 skipped, so the command resumes after an interruption.
 """
 
@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from gdsd_jax.rl.experiment import run_experiment
+    from gdsd_jax.experiments.runner import run_experiment
 
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")

@@ -12,7 +12,7 @@ again in a child process with ``XLA_FLAGS=--xla_force_host_platform_device_count
 generation as target the programs are compiled by the TPU compiler for an abstract slice of that size
 (deviceless ahead-of-time compilation; needs the ``libtpu`` package, not a TPU: ``pip install
 "gdsd-jax[tpu]"``). See
-:mod:`gdsd_jax.rl.plan` for what each number means and ``docs/memory_plans.md`` for recorded plans.
+:mod:`gdsd_jax.experiments.plan` for what each number means and ``docs/memory_plans.md`` for recorded plans.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ _CHILD_ENV = "GDSD_PLAN_CHILD"
 
 
 def add_arguments(p) -> None:
+    from gdsd_jax.experiments.plan import TARGETS
     from gdsd_jax.models.config import REMAT_POLICIES
-    from gdsd_jax.rl.plan import TARGETS
 
     p.add_argument("--config", default=None, help="run config YAML (default: configs/sudoku_tiny.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the config")
@@ -119,7 +119,7 @@ def _run_child(args) -> int:
 def run(args) -> int:
     if args.devices <= 0:
         raise SystemExit(f"plan: --devices must be positive, got {args.devices}")
-    from gdsd_jax.rl.plan import require_libtpu
+    from gdsd_jax.experiments.plan import require_libtpu
 
     try:
         require_libtpu(args.target)        # before any work, and before a child process is started
@@ -128,7 +128,7 @@ def run(args) -> int:
     if not _prepare_in_process(args.target, args.devices):
         return _run_child(args)
 
-    from gdsd_jax.rl import plan
+    from gdsd_jax.experiments import plan
     from gdsd_jax.training.config import TrainConfig
 
     try:

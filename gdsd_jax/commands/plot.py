@@ -11,7 +11,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from gdsd_jax.rl.plots import plot_run
+    from gdsd_jax.experiments.plots import plot_run
 
     for path in plot_run(args.run_dir, args.out):
         print(path)

@@ -14,6 +14,8 @@ An :class:`Objective` bundles an objective's forward process and its statistics 
 * ``needs_old(cfg, num_iterations)``, ``needs_ref(cfg)``: which statistics the trainer must precompute.
 * ``advantage_method`` / ``advantage_scale_std``: the advantages each method's code uses
   (:func:`~gdsd_jax.objectives.advantages.compute_advantages`).
+* ``step_metrics(updates) -> dict``: a step's metrics from its inner updates' ``LossOutput.metrics``; the
+  objective names the ones also reported per inner iteration (``iteration_metrics``).
 
 Statistics per objective (B rows, M draws, L completion length, D width, T SPG draws):
 
@@ -34,10 +36,11 @@ LLaDA/Dream scale) and no extra transformer pass of the old/reference models run
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
@@ -64,6 +67,9 @@ class Objective:
     description: str = ""
     advantage_method: str = "loo"
     advantage_scale_std: bool = False
+    #: metrics of the loss also reported per inner iteration (``name/iter{j}``) when a step makes several
+    #: updates: how far the policy has moved from the rollout policy at each of them.
+    iteration_metrics: tuple[str, ...] = ()
 
     # ---- contract ------------------------------------------------------------------------------
     def draw_masks(self, key: jax.Array, batch: RolloutBatch, cfg: ObjectiveConfig) -> dict:
@@ -85,6 +91,15 @@ class Objective:
     def needs_ref(self, cfg: ObjectiveConfig) -> bool:
         self._check(cfg)
         return cfg.beta != 0.0
+
+    def step_metrics(self, updates: Mapping[str, Sequence[float]]) -> dict[str, float]:
+        """A step's metrics from its inner updates' (``name -> one value per update``): the mean of each
+        and, with more than one update, every :attr:`iteration_metrics` name per update as ``name/iter{j}``."""
+        out = {k: float(np.mean(v)) for k, v in updates.items()}
+        for k in self.iteration_metrics:
+            if k in updates and len(updates[k]) > 1:
+                out.update({f"{k}/iter{j}": float(v) for j, v in enumerate(updates[k])})
+        return out
 
     # ---- helpers -------------------------------------------------------------------------------
     def _check(self, cfg: ObjectiveConfig, batch: RolloutBatch | None = None,
@@ -110,6 +125,7 @@ class _Coupled(Objective):
     """Objectives on the official stratified coupled masks and the per-sequence statistic ℓ(b, m)."""
 
     weighting = "none"
+    iteration_metrics = ("inside_clip_frac", "mean_abs_delta")
 
     def draw_masks(self, key, batch, cfg):
         self._check(cfg, batch)
@@ -166,6 +182,7 @@ class ESPO(_Coupled):
     description = ("ESPO (espo_trainer.py): PPO on exp((ELBO_theta - ELBO_old)/L) of the coupled ELBO averaged "
                    "over the M draws, plus k2 KL")
     weighting = "elbo"
+    iteration_metrics = ("inside_clip_frac", "clip_frac", "mean_abs_delta")
 
     def _reduce(self, ell, old, ref, advantages, length, cfg):
         return losses.espo_loss(ell, old, ref, advantages, length, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
@@ -230,6 +247,7 @@ class D1(Objective):
                    "(completion fully masked, prompt tokens masked with p_mask_prompt) plus k3 KL")
     advantage_method = "group_mean"
     advantage_scale_std = True
+    iteration_metrics = ("inside_clip_frac", "clip_frac", "mean_abs_delta")
 
     def draw_masks(self, key, batch, cfg):
         self._check(cfg, batch)
@@ -258,6 +276,7 @@ class WD1(D1):
                    "micro-batch, minus the softmax(-A)-weighted one (no ratio, no old policy)")
     advantage_method = "group_mean"
     advantage_scale_std = False
+    iteration_metrics = ()
 
     def needs_old(self, cfg, num_iterations):
         self._check(cfg)

@@ -12,6 +12,10 @@ One RL step (the GDSD paper, arXiv 2605.29398, §2.1):
    function (``lax.scan``) and divides the summed loss numerators by the summed denominators, so the
    result equals the full-batch loss exactly.
 
+:meth:`RLTrainer.rl_step` composes :meth:`~RLTrainer.generate` (2), :meth:`~RLTrainer.score` (3-4),
+:meth:`~RLTrainer.score_statistics` (5), :meth:`~RLTrainer.train` (6) and :meth:`~RLTrainer.step_metrics`;
+their device functions are :mod:`gdsd_jax.rl.step`'s, jitted once per trainer (``RLTrainer.fns``).
+
 State lives here only: the trainable tree (full parameters or LoRA adapters), the optimizer state, the
 step and the RNG key. Everything mathematical is a pure function from :mod:`gdsd_jax.objectives`,
 :mod:`gdsd_jax.sampling` and :mod:`gdsd_jax.models`.
@@ -31,7 +35,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gdsd_jax.checkpoint.integrity import all_finite
 from gdsd_jax.distributed import multihost
 from gdsd_jax.distributed.mesh import batch_sharding
 from gdsd_jax.errors import UserError
@@ -41,7 +44,7 @@ from gdsd_jax.objectives import get_objective
 from gdsd_jax.objectives.advantages import compute_advantages
 from gdsd_jax.objectives.types import RolloutBatch
 from gdsd_jax.rl.dynamic_sampling import group_rows, groups_by_spread
-from gdsd_jax.sampling import generate
+from gdsd_jax.rl.step import ModelParts, StepContext, cast_floats, compile_step, old_and_reference
 from gdsd_jax.training.config import TrainConfig
 
 
@@ -83,44 +86,39 @@ def learning_rate(optim, step, total_steps: int):
     return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, total_steps)(step)
 
 
-def _cast_floats(tree, dtype):
-    """The tree with its floating-point leaves cast to ``dtype`` (integer leaves untouched)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def _fp32(tree):
-    return _cast_floats(tree, jnp.float32)
-
-
 def _opt_init(tx: optax.GradientTransformation, trainable):
     """Optimizer state with fp32 moments whatever the trained weights' dtype (bf16 weights keep fp32 Adam
     statistics; ``optax.apply_updates`` casts each update back to its weight's dtype)."""
-    return tx.init(_fp32(trainable))
+    return tx.init(cast_floats(trainable, jnp.float32))
 
 
 @dataclasses.dataclass
-class ModelParts:
-    """The model as the trainer holds it: ``trainable`` is optimised; ``frozen`` is the base (LoRA) or the
-    reference copy (full fine-tuning with a KL term); ``lora_scale`` is alpha / rank."""
-    model_cfg: DenoiserConfig
-    lora: bool
-    lora_scale: float
-
-    def policy(self, trainable, frozen):
-        """(params, lora) of the current policy. The LoRA scale is folded into ``B`` here
-        (``s (x A) B = (x A)(s B)``) so downstream functions take adapters at scale 1."""
-        if not self.lora:
-            return trainable, None
-        return frozen, {t: {"a": ab["a"], "b": ab["b"] * self.lora_scale} for t, ab in trainable.items()}
-
-    def reference(self, trainable, frozen):
-        """(params, lora) of the reference policy: base weights with the adapters off, or the frozen copy."""
-        return (frozen, None) if self.lora else (frozen if frozen is not None else trainable, None)
+class Generated:
+    """This process's rollout rows on the host: ``sequences`` [B_local, Lp + gen_length], ``prompt_mask``
+    [B_local, Lp], ``completion_mask`` [B_local, gen_length]; ``nfe`` [B_rollout] the model forwards of every
+    row, gathered from all processes."""
+    sequences: np.ndarray
+    prompt_mask: np.ndarray
+    completion_mask: np.ndarray
+    nfe: np.ndarray
 
 
-def _split_micro(tree, n_micro: int):
-    """Leading axis [B, ...] -> [n_micro, B / n_micro, ...] on every array leaf."""
-    return jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), tree)
+@dataclasses.dataclass
+class Rollouts:
+    """One step's generated and scored rows, on this process, after dynamic sampling.
+
+    ``batch`` / ``advantages`` [B] are the trained rows (global arrays on the mesh); ``rewards`` and
+    ``completion_lengths`` [B_rollout] are every generated row's, gathered from all processes, for metrics;
+    ``trained_rewards`` [B_local] this process's trained rows' rewards; ``nfe`` [B_rollout] model forwards
+    per row; ``reward_terms`` the mean of each reward function over every rollout."""
+    batch: RolloutBatch
+    advantages: jax.Array
+    rewards: np.ndarray
+    trained_rewards: np.ndarray
+    completion_lengths: np.ndarray
+    nfe: np.ndarray
+    reward_failures: int
+    reward_terms: dict[str, float]
 
 
 class RLTrainer:
@@ -149,7 +147,10 @@ class RLTrainer:
                                 lora_lib.lora_scale(cfg.lora.rank, cfg.lora.alpha) if cfg.lora.enabled else 1.0)
         self.tx = make_optimizer(cfg.optim, rl.total_steps, rl.num_iterations)
         self._base_params = base_params
-        self._build_functions()
+        #: the compiled step functions (:mod:`gdsd_jax.rl.step`): ``rollout``, ``draw_masks``,
+        #: ``statistics``, ``update``; the planner, the benchmarks and the tests drive a step's parts
+        #: through them.
+        self.fns = compile_step(StepContext(self.parts, self.objective, self.obj_cfg, self.tx, mesh, self.n_micro))
 
     # ---- state ------------------------------------------------------------------------------------
     def init_state(self) -> tuple[dict, Any]:
@@ -163,7 +164,7 @@ class RLTrainer:
         else:
             trainable = self._base_params
             if cfg.optim.param_dtype is not None:
-                trainable = _cast_floats(trainable, jnp.dtype(cfg.optim.param_dtype))
+                trainable = cast_floats(trainable, jnp.dtype(cfg.optim.param_dtype))
             # The reference copy exists only if a loss term needs it (no second copy otherwise).
             frozen = jax.tree.map(jnp.copy, self._base_params) if self.needs_ref else None
         rep = NamedSharding(self.mesh, P())
@@ -193,104 +194,52 @@ class RLTrainer:
 
         return jax.tree.map(target, state)
 
-    # ---- compiled functions -----------------------------------------------------------------------
-    def _build_functions(self) -> None:
-        parts, mcfg, mesh = self.parts, self.model_cfg, self.mesh
-        objective, ocfg = self.objective, self.obj_cfg
-        tx = self.tx
-        n_micro = self.n_micro
-
-        def rollout(trainable, frozen, prompt_ids, prompt_mask, key, scfg):
-            params, lora = parts.policy(trainable, frozen)
-            return generate(params, mcfg, prompt_ids, prompt_mask, key, scfg, mesh=mesh, lora=lora)
-
-        self._rollout = jax.jit(rollout, static_argnums=(5,))
-
-        def draw_masks(key, batch):
-            mb = _split_micro(batch, n_micro)
-            keys = jax.random.split(key, n_micro)
-            return jax.lax.map(lambda kb: objective.draw_masks(kb[0], kb[1], ocfg), (keys, mb))
-
-        self._draw_masks = jax.jit(draw_masks)
-
-        def statistics(params, lora, batch, masks):
-            mb = _split_micro(batch, n_micro)
-            return jax.lax.map(
-                lambda xs: objective.statistics(params, mcfg, xs[0], xs[1], ocfg, lora=lora, mesh=mesh),
-                (mb, masks))
-
-        self._statistics = jax.jit(statistics)
-
-        def update(state, frozen, batch, masks, old, ref, adv):
-            trainable = state["trainable"]
-            mb = _split_micro(batch, n_micro)
-            adv_mb = adv.reshape(n_micro, -1)
-
-            def micro(carry, xs):
-                gsum, nsum, dsum = carry
-                b, m, o, r, a = xs
-
-                def f(tr):
-                    params, lora = parts.policy(tr, frozen)
-                    out = objective.loss(params, mcfg, b, m, o, r, a, ocfg, lora=lora, mesh=mesh)
-                    return out.numerator, out
-
-                (num, out), g = jax.value_and_grad(f, has_aux=True)(trainable)
-                gsum = jax.tree.map(jnp.add, gsum, g)
-                return (gsum, nsum + num, dsum + out.denominator), out.metrics
-
-            zeros = jax.tree.map(jnp.zeros_like, trainable)
-            (gsum, nsum, dsum), metrics = jax.lax.scan(
-                micro, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                (mb, masks, old, ref, adv_mb))
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32) / dsum, gsum)
-            loss = nsum / dsum
-            gnorm = optax.tree.norm(grads)
-            updates, new_opt = tx.update(grads, state["opt_state"], _fp32(trainable))
-            new_trainable = optax.apply_updates(trainable, updates)
-            # A finite loss and gradient can still give a non-finite update (an overflowing learning rate,
-            # Adam moments): the updated parameters and optimizer state are checked themselves.
-            finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite((new_trainable, new_opt))
-            keep = lambda new, old_: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old_)  # noqa: E731
-            new_state = dict(state, trainable=keep(new_trainable, trainable), opt_state=keep(new_opt, state["opt_state"]))
-            out_metrics = {k: jnp.mean(v) for k, v in metrics.items()}
-            out_metrics.update(loss=loss, grad_norm=gnorm, finite=finite)
-            return new_state, out_metrics
-
-        self._update = jax.jit(update, donate_argnums=(0,))
-
     # ---- one RL step ------------------------------------------------------------------------------
     def rl_step(self, state: dict, frozen, examples: list[dict]) -> tuple[dict, dict]:
         """Run one RL step on this process's rollout prompts (``cfg.rollout_prompts`` in all; with dynamic
         sampling the ``rl.prompts_per_step`` groups of largest reward spread are trained on); returns the
         new state and host metrics."""
-        rl = self.cfg.rl
-        g = rl.num_generations
         step = int(state["step"])
-        base_key = jax.random.wrap_key_data(state["key"])
-        step_key = jax.random.fold_in(base_key, step)
-        gen_key, mask_key = jax.random.split(step_key)
+        gen_key, mask_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step))
         timings = {}
+        t0 = time.perf_counter()
+        gen = self.generate(state, frozen, examples, gen_key)
+        timings["time_generation"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ro = self.score(gen, examples)
+        timings["time_reward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        masks, old, ref = self.score_statistics(state, frozen, ro.batch, mask_key)
+        timings["time_scoring"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state, updates = self.train(state, frozen, ro, masks, old, ref)
+        timings["time_update"] = time.perf_counter() - t0
+        state = dict(state, step=state["step"] + 1)
+        return state, self.step_metrics(step, ro, updates, timings)
 
+    def generate(self, state: dict, frozen, examples: list[dict], key: jax.Array) -> Generated:
+        """Rollout of this process's prompts, each repeated ``G`` times (rows prompt-major)."""
         # ``examples`` are this process's prompts. Rows are prompt-major (the G completions of a prompt
         # are consecutive) and every process owns a contiguous block of rows, so a group never straddles
         # processes: rewards and advantages are computed where the completions were generated.
-        t0 = time.perf_counter()
+        g = self.cfg.rl.num_generations
         prompt_ids, prompt_mask = self.adapter.encode(examples)
-        prompt_ids = np.repeat(prompt_ids, g, axis=0)
-        prompt_mask = np.repeat(prompt_mask, g, axis=0)
-        rows_examples = [ex for ex in examples for _ in range(g)]
+        prompt_ids, prompt_mask = np.repeat(prompt_ids, g, axis=0), np.repeat(prompt_mask, g, axis=0)
         sharding = batch_sharding(self.mesh, 2)
         pid = multihost.global_batch(prompt_ids, sharding)
         pmask = multihost.global_batch(prompt_mask, sharding)
-        out = self._rollout(state["trainable"], frozen, pid, pmask, gen_key, self.sampling_cfg)
-        seqs = multihost.local_rows(out.sequences)
-        cmask = multihost.local_rows(out.completion_mask)
-        nfe = multihost.host_allgather(multihost.local_rows(out.nfe))
-        timings["time_generation"] = time.perf_counter() - t0
+        out = self.fns.rollout(state["trainable"], frozen, pid, pmask, key, self.sampling_cfg)
+        return Generated(sequences=multihost.local_rows(out.sequences), prompt_mask=prompt_mask,
+                         completion_mask=multihost.local_rows(out.completion_mask),
+                         nfe=multihost.host_allgather(multihost.local_rows(out.nfe)))
 
-        t0 = time.perf_counter()
-        lp = prompt_ids.shape[1]
+    def score(self, gen: Generated, examples: list[dict]) -> Rollouts:
+        """Rewards of this process's rollout rows, dynamic sampling (the groups of largest reward spread) and
+        advantages: the trained batch."""
+        rl, g = self.cfg.rl, self.cfg.rl.num_generations
+        rows_examples = [ex for ex in examples for _ in range(g)]
+        seqs, cmask, prompt_mask = gen.sequences, gen.completion_mask, gen.prompt_mask
+        lp = prompt_mask.shape[1]
         scores = self.adapter.score(seqs[:, lp:], cmask, rows_examples)
         rewards = multihost.host_allgather(scores.rewards)        # for metrics only: every rollout
         comp_len = multihost.host_allgather(cmask.sum(axis=1))   # likewise, before dynamic sampling subsets
@@ -298,73 +247,71 @@ class RLTrainer:
         if self.cfg.rollout_prompts != rl.prompts_per_step:
             # Dynamic sampling, per process (its groups are local): keep its share of the trained groups.
             local_keep = len(examples) * rl.prompts_per_step // self.cfg.rollout_prompts
-            keep = groups_by_spread(scores.rewards, g, local_keep)
-            rows = group_rows(keep, g)
-            seqs, cmask, trained_rewards = seqs[rows], cmask[rows], scores.rewards[rows]
-            pmask = multihost.global_batch(prompt_mask[rows], sharding)
+            rows = group_rows(groups_by_spread(scores.rewards, g, local_keep), g)
+            seqs, cmask, trained_rewards, prompt_mask = seqs[rows], cmask[rows], scores.rewards[rows], prompt_mask[rows]
         adv = np.asarray(compute_advantages(jnp.asarray(trained_rewards), g, method=self.advantage_method,
                                             scale_std=self.advantage_scale_std))
-        timings["time_reward"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        batch = RolloutBatch(sequences=multihost.global_batch(seqs, sharding), prompt_mask=pmask,
+        sharding = batch_sharding(self.mesh, 2)
+        batch = RolloutBatch(sequences=multihost.global_batch(seqs, sharding),
+                             prompt_mask=multihost.global_batch(prompt_mask, sharding),
                              completion_mask=multihost.global_batch(cmask, sharding), prompt_len=lp)
-        adv_dev = multihost.global_batch(adv.astype(np.float32), batch_sharding(self.mesh, 1))
-        masks = [self._draw_masks(jax.random.fold_in(mask_key, j), batch) for j in range(rl.num_iterations)]
-        params, lora = self.parts.policy(state["trainable"], frozen)
-        old = ([self._statistics(params, lora, batch, m) for m in masks] if self.needs_old
-               else [None] * rl.num_iterations)
-        if self.needs_ref:
-            rparams, rlora = self.parts.reference(state["trainable"], frozen)
-            ref = [self._statistics(rparams, rlora, batch, m) for m in masks]
-        else:
-            ref = [None] * rl.num_iterations
+        terms = {name: float(np.mean(multihost.host_allgather(np.asarray(vals))))
+                 for name, vals in scores.per_fn.items()}
+        return Rollouts(batch=batch,
+                        advantages=multihost.global_batch(adv.astype(np.float32), batch_sharding(self.mesh, 1)),
+                        rewards=rewards, trained_rewards=trained_rewards, completion_lengths=comp_len, nfe=gen.nfe,
+                        reward_failures=int(multihost.host_allgather(np.asarray([scores.failures])).sum()),
+                        reward_terms=terms)
+
+    def score_statistics(self, state: dict, frozen, batch: RolloutBatch, key: jax.Array) -> tuple[list, list, list]:
+        """Masks for each of the ``rl.num_iterations`` inner updates (from ``fold_in(key, j)``) and the old and
+        reference statistics under them (``None`` entries where the objective needs none), all before any
+        update."""
+        masks = [self.fns.draw_masks(jax.random.fold_in(key, j), batch) for j in range(self.cfg.rl.num_iterations)]
+        old, ref = old_and_reference(self.fns, self.parts, state["trainable"], frozen, batch, masks,
+                                     needs_old=self.needs_old, needs_ref=self.needs_ref)
         jax.block_until_ready((old, ref))
-        timings["time_scoring"] = time.perf_counter() - t0
+        return masks, old, ref
 
-        t0 = time.perf_counter()
-        metrics_acc: dict[str, list[float]] = {}
-        nonfinite = 0
-        for j in range(rl.num_iterations):
-            state, m = self._update(state, frozen, batch, masks[j], old[j], ref[j], adv_dev)
-            m = jax.device_get(m)
-            if not bool(m["finite"]):
-                nonfinite += 1
-            for k, v in m.items():
-                metrics_acc.setdefault(k, []).append(float(v))
-        timings["time_update"] = time.perf_counter() - t0
-        state = dict(state, step=state["step"] + 1)
+    def train(self, state: dict, frozen, ro: Rollouts, masks: list, old: list, ref: list) -> tuple[dict, dict]:
+        """The ``rl.num_iterations`` optimizer updates on the trained batch; returns the new state and every
+        update's host metrics (``name -> [one value per update]``)."""
+        per_update: dict[str, list[float]] = {}
+        for j in range(self.cfg.rl.num_iterations):
+            state, m = self.fns.update(state, frozen, ro.batch, masks[j], old[j], ref[j], ro.advantages)
+            for k, v in jax.device_get(m).items():
+                per_update.setdefault(k, []).append(float(v))
+        return state, per_update
 
-        groups = rewards.reshape(-1, g)
+    def step_metrics(self, step: int, ro: Rollouts, updates: dict[str, list[float]],
+                     timings: dict[str, float]) -> dict:
+        """The host metrics of step ``step``: rewards and completions of every rollout, the objective's
+        metrics of its updates (:meth:`Objective.step_metrics`), the number of non-finite updates, timings."""
+        rl, g = self.cfg.rl, self.cfg.rl.num_generations
+        rewards = ro.rewards
+        finite = updates.pop("finite")
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "zero_spread_groups": float(np.mean(groups.std(axis=1) == 0)),
+            "zero_spread_groups": float(np.mean(rewards.reshape(-1, g).std(axis=1) == 0)),
             "zero_spread_groups_trained": float(np.mean(
-                multihost.host_allgather(trained_rewards).reshape(-1, g).std(axis=1) == 0)),
-            "completion_length": float(comp_len.mean()),
-            "reward_failures": int(multihost.host_allgather(np.asarray([scores.failures])).sum()),
-            "nonfinite_updates": nonfinite,
+                multihost.host_allgather(ro.trained_rewards).reshape(-1, g).std(axis=1) == 0)),
+            "completion_length": float(ro.completion_lengths.mean()),
+            "reward_failures": ro.reward_failures,
+            "nonfinite_updates": sum(not f for f in finite),
             "lr": float(learning_rate(self.cfg.optim, step, rl.total_steps)),
         }
-        for name, vals in scores.per_fn.items():
-            metrics[f"reward/{name}"] = float(np.mean(multihost.host_allgather(np.asarray(vals))))
-        for k, v in metrics_acc.items():
-            if k == "finite":
-                continue
-            metrics[k] = float(np.mean(v))
-            if rl.num_iterations > 1 and k in ("clip_fraction", "in_band_fraction", "mean_abs_delta"):
-                for j, vj in enumerate(v):
-                    metrics[f"{k}/iter{j}"] = vj
+        metrics.update({f"reward/{name}": v for name, v in ro.reward_terms.items()})
+        metrics.update(self.objective.step_metrics(updates))
         total = sum(timings.values())
         metrics.update(timings)
-        metrics["tokens_per_second"] = float(rewards.shape[0] * seqs.shape[1] / max(total, 1e-9))
+        metrics["tokens_per_second"] = float(rewards.shape[0] * ro.batch.sequences.shape[1] / max(total, 1e-9))
         # Rollout cost: model forwards per completion (fewer with a threshold), generated tokens per second
         # and the rollout's share of the step time (see docs/sampling.md, fast decoding).
-        metrics["rollout_nfe"] = float(nfe.mean())
+        metrics["rollout_nfe"] = float(ro.nfe.mean())
         metrics["tokens_per_second_rollout"] = float(
             rewards.shape[0] * self.sampling_cfg.gen_length / max(timings["time_generation"], 1e-9))
         metrics["time_share_rollout"] = float(timings["time_generation"] / max(total, 1e-9))
-        return state, metrics
+        return metrics
 
 
 def merged_policy_params(parts: ModelParts, trainable, frozen):

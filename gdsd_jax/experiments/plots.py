@@ -66,7 +66,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in ("kl", "mean_abs_delta", "in_band_fraction", "grad_norm"):
+    for key in ("kl", "mean_abs_delta", "inside_clip_frac", "grad_norm"):
         s, v = _series(records, key)
         if len(s):
             axes[0].plot(s, v, label=key)

@@ -30,9 +30,10 @@ Step peak (the number compared with HBM), phase by phase, following :meth:`RLTra
 * rollout: ``optimizer + live(rollout)`` (weights and adapters are arguments of the rollout);
 * scoring: ``resident + buffer + B copy + max temp(masks, statistics)`` (``resident`` = params +
   adapters + optimizer + reference + step/key; ``B copy`` is the LoRA ``B`` tree scaled by alpha / r
-  that :meth:`ModelParts.policy` makes outside ``jit`` and ``rl_step`` keeps until its end);
+  that :meth:`ModelParts.policy` makes outside ``jit`` for the old statistics, when the objective needs
+  them, and drops after them);
 * update: ``live(update) + (num_iterations - 1) * (masks + old + reference statistics of one
-  iteration) + B copy`` (the other iterations' statistics stay alive in the trainer's lists).
+  iteration)`` (the other iterations' statistics stay alive in the trainer's lists).
 
 The step peak is the largest of the three.
 
@@ -420,19 +421,19 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
         tr = base_trainer
         funcs: dict[str, FunctionMemory] = {}
 
-        funcs["rollout"], _ = _compile(tr._rollout, state["trainable"], frozen, inp["prompt_ids"],
+        funcs["rollout"], _ = _compile(tr.fns.rollout, state["trainable"], frozen, inp["prompt_ids"],
                                        inp["prompt_mask"], inp["key"], tr.sampling_cfg)
         note("rollout", funcs["rollout"])
         kv_cache = kv_cache_bytes(tr.model_cfg, tr.sampling_cfg, inp["prompt_ids"].shape[0],
                                   inp["prompt_ids"].shape[1] + tr.sampling_cfg.gen_length, mesh)
-        funcs["masks"], masks = _compile(tr._draw_masks, inp["key"], batch)
+        funcs["masks"], masks = _compile(tr.fns.draw_masks, inp["key"], batch)
         note("masks", funcs["masks"])
         old = ref = None
         if tr.needs_old:
             # ModelParts.policy: (base, adapters with the scale folded in; same shapes and shardings) or
             # (trainable, None).
             policy = (frozen, state["trainable"]) if tr.parts.lora else (state["trainable"], None)
-            funcs["statistics"], old = _compile(tr._statistics, *policy, batch, masks)
+            funcs["statistics"], old = _compile(tr.fns.statistics, *policy, batch, masks)
             note("statistics", funcs["statistics"])
         if tr.needs_ref:
             rparams, rlora = tr.parts.reference(state["trainable"], frozen)
@@ -440,7 +441,7 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
                 # Same function on identically shaped and sharded arguments: the same program.
                 funcs["statistics_ref"], ref = funcs["statistics"], old
             else:
-                funcs["statistics_ref"], ref = _compile(tr._statistics, rparams, rlora, batch, masks)
+                funcs["statistics_ref"], ref = _compile(tr.fns.statistics, rparams, rlora, batch, masks)
             note("statistics_ref", funcs["statistics_ref"])
         else:
             bar.update(1)
@@ -455,20 +456,20 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
         reference = per_device_bytes(frozen) if (frozen is not None and not tr.parts.lora) else 0
         misc = per_device_bytes({"step": state["step"], "key": state["key"]})
         resident = params + adapters + optimizer + reference + misc
-        # rl_step keeps the policy's scaled copy of every B (ModelParts.policy, outside jit) from the scoring
-        # phase to the end of the updates.
+        # The old statistics are computed with the policy's scaled copy of every B (ModelParts.policy,
+        # outside jit), alive during the scoring phase only.
         b_copy = per_device_bytes({t: ab["b"] for t, ab in state["trainable"].items()}) if tr.parts.lora else 0
         score_temp = max(funcs[k].temp for k in ("masks", "statistics", "statistics_ref") if k in funcs)
 
         for remat in remats:
             tr_r = RLTrainer(mcfg_mode, model_cfg.replace(remat=remat), None, mesh, adapter=None, task=None)
-            upd, _ = _compile(tr_r._update, state, frozen, batch, masks, old, ref, inp["adv"])
+            upd, _ = _compile(tr_r.fns.update, state, frozen, batch, masks, old, ref, inp["adv"])
             note(f"update (remat={remat})", upd)
             f = dict(funcs, update=upd)
             phases = {
                 "rollout": optimizer + misc + funcs["rollout"].live,
-                "scoring": resident + buffer + b_copy + score_temp,
-                "update": upd.live + (mu - 1) * per_iter + b_copy,
+                "scoring": resident + buffer + (b_copy if tr.needs_old else 0) + score_temp,
+                "update": upd.live + (mu - 1) * per_iter,
             }
             rows.append(PlanRow(model=model_name or model_cfg.family, mode=mode, remat=remat, devices=n_dev,
                                 mesh=dict(mesh.shape), param_dtype=model_cfg.param_dtype, params=params,
