@@ -93,7 +93,7 @@ def test_fast_decoding_options_reach_the_samplers():
     cfg = load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml",
                       ["sampling.cache=dual", "sampling.block_length=8", "sampling.cache_refresh_every=2",
                        "eval.sampling={threshold: 0.9}"]).validate()
-    rollout, evaluation = cfg.sampling_config(), cfg.eval_sampling_config()
+    rollout, evaluation = cfg.sampling, cfg.eval_sampling_config()
     assert (rollout.cache, rollout.cache_refresh_every, rollout.threshold) == ("dual", 2, None)
     assert (evaluation.cache, evaluation.threshold) == ("dual", 0.9)
     with pytest.raises(ConfigError, match=r"sampling: SamplingConfig\.threshold=1\.5"):
@@ -122,7 +122,7 @@ def test_dream_recipes_sample_top_50_as_the_official_runs(name):
     diffusion_generate, official_eval.md §5); LLaDA's sampler has no top-k."""
     cfg = load_config(TrainConfig, REPO / "configs" / name).validate()
     want = 50 if name.startswith("dream") else None
-    assert cfg.sampling_config().top_k == want and cfg.eval_sampling_config().top_k == want
+    assert cfg.sampling.top_k == want and cfg.eval_sampling_config().top_k == want
 
 
 def test_eval_command_gives_dream_models_the_official_top_k():
@@ -409,7 +409,7 @@ def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     steps = [r for r in lines if "nonfinite_updates" in r]
     assert [r["nonfinite_updates"] for r in steps] == [0, 0, 1, 1]
     # Rollout cost metrics: the exact sampler makes `steps` forwards per completion.
-    assert all(r["rollout_nfe"] == cfg.sampling_config().steps for r in steps)
+    assert all(r["rollout_nfe"] == cfg.sampling.steps for r in steps)
     assert all(0 < r["time_share_rollout"] < 1 and r["tokens_per_second_rollout"] > 0 for r in steps)
     # Checkpoints written before the failure are intact; the skipped updates left the parameters alone.
     ck = RunCheckpointer(tmp_path / "checkpoints")
