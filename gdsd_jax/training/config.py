@@ -87,8 +87,10 @@ class LoraSection:
     enabled: bool = False
     rank: int = ranged(8, gt=0)
     alpha: float = ranged(16.0, gt=0)
-    dropout: float = ranged(0.0, ge=0, lt=1)     # only 0 is implemented (see validate)
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "dropout": "adapter dropout is not implemented: the adapters are deterministic and the official "
+                   "recipes' 0.05 is not reproduced"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -206,9 +208,6 @@ class TrainConfig:
         for name, weight in rl.reward_weights.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ConfigError(f"rl.reward_weights.{name}={weight!r}: expected a finite number")
-        if self.lora.dropout:
-            raise ConfigError(f"lora.dropout={self.lora.dropout}: adapter dropout is not supported (the adapters "
-                              f"are deterministic; the official recipes' 0.05 is not reproduced); set it to 0")
         if self.lora.enabled:
             if not self.lora.targets or set(self.lora.targets) - set(LORA_TARGETS):
                 raise ConfigError(f"lora.targets={list(self.lora.targets)}: expected a non-empty subset of "
