@@ -78,8 +78,9 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
         rng = f.metadata.get("range")
         if rng is None or value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not rng.contains(value):
-            integer = int in (hints[f.name], *typing.get_args(hints[f.name]))
+        integer = int in (hints[f.name], *typing.get_args(hints[f.name]))
+        if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+                or not rng.contains(value)):
             raise ConfigError(f"{key}={value!r}: expected {rng.describe(integer)}")
 
 
@@ -169,10 +170,21 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
 
 
 def build(cls: type[T], data: Mapping | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys by dotted name."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys by dotted name.
+
+    A class with a ``select_class(mapping) -> subclass`` classmethod is a tagged union: the subclass it
+    returns for the mapping is built (it raises ``ValueError`` for a mapping that fits none).
+    """
+    if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    data = dict(data or {})
+    select = getattr(cls, "select_class", None)
+    if select is not None:
+        # A tagged union (the objective's settings): the class asks the mapping which subclass it describes.
+        try:
+            cls = select(data)
+        except ValueError as e:
+            raise ConfigError(f"{prefix or 'config'}: {e}") from None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     removed = sorted(set(data) & set(getattr(cls, "REMOVED_KEYS", {})))
@@ -191,9 +203,7 @@ def build(cls: type[T], data: Mapping | None, prefix: str = "") -> T:
         kwargs[name] = _check_type(value, hints[name], key)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:      # the class's own checks (__post_init__), named by section
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 

@@ -81,14 +81,14 @@ def test_expansion_counts_and_resolved_configs(tmp_path):
     assert (cfg.rl.prompts_per_step, cfg.rl.num_generations, cfg.rl.total_steps, cfg.eval.every) == (4, 4, 30, 10)
     assert cfg.rl.micro_batch_size == 16 and cfg.rl.seed == 2 and cfg.optim.lr == 1e-3
     assert cfg.rl.advantage == "group_mean" and cfg.rl.scale_std is True
-    ocfg = cfg.objective_config()
+    ocfg = cfg.objective
     assert ocfg.name == "d1" and ocfg.p_mask_prompt == 0.3
     assert ocfg.beta == 0.04 and ocfg.epsilon_low == 0.2   # official d1 values, not the base config's
     assert cfg.task.name == "countdown"
     tok = next(s for s in study if s.variant == "tok" and s.task == "sudoku")
     cfg = _resolve(tok, tmp_path)
-    assert cfg.objective_config().clip_mode == "token" and cfg.rl.num_iterations == 2
-    assert cfg.objective_config().psi == 10.0 and cfg.optim.lr == 3e-4
+    assert cfg.objective.clip_mode == "token" and cfg.rl.num_iterations == 2
+    assert cfg.objective.psi == 10.0 and cfg.optim.lr == 3e-4
     # The sudoku task config samples dynamically (32 prompts rolled out); the budget rolls out exactly P.
     assert _resolve(tok, tmp_path).rollout_prompts == 4
 

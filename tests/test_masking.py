@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdsd_jax.objectives import ObjectiveConfig, RolloutBatch, get_objective, masking
+from gdsd_jax.objectives import RolloutBatch, get_objective, masking, objective_config
 from gdsd_jax.objectives.masking import d1_tokens, mask_ratio, masked_completion_tokens
 
 # jitted once per shape: eager op-by-op dispatch would dominate the test time
@@ -89,7 +89,7 @@ def test_objective_draw_masks_deterministic_and_prompt_untouched():
     batch = RolloutBatch.create(seq, jnp.ones((b, lp)), jnp.ones((b, length)))
     seq2 = np.asarray(seq)
     for name in ("gdsd", "spg"):
-        cfg = ObjectiveConfig(name=name, num_mc=2, block_length=4)
+        cfg = objective_config(name=name, **({"num_mc": 2} if name == "gdsd" else {"block_length": 4}))
         obj = get_objective(name)
         draw = jax.jit(lambda k, bt: obj.draw_masks(k, bt, cfg))
         m1, m2 = draw(jax.random.key(7), batch), draw(jax.random.key(7), batch)

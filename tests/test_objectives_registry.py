@@ -12,11 +12,12 @@ import pytest
 from gdsd_jax.models import denoiser
 from gdsd_jax.models.config import tiny_llada
 from gdsd_jax.objectives import (
-    OFFICIAL_DEFAULTS,
     ObjectiveConfig,
     RolloutBatch,
     compute_advantages,
+    config_class,
     get_objective,
+    objective_config,
     objective_names,
 )
 from gdsd_jax.objectives.teacher import teacher_logits, teacher_sequence_target
@@ -137,7 +138,8 @@ def test_coupled_objectives_against_numpy(name, case):
     n = np.full(b, float(length))
     weighting = "none" if name == "gdsd" else "elbo"
     eps = 0.5 if name == "gdsd" else 0.05     # wide bands: both clipped and unclipped rows occur
-    cfg = ObjectiveConfig(name=name, num_mc=m, psi=2.0, beta=0.01, epsilon_low=eps, vocab_chunk=40, seq_chunk=5)
+    psi = {} if name == "espo" else {"psi": 2.0}            # ESPO's loss has no target scale
+    cfg = objective_config(name=name, num_mc=m, beta=0.01, epsilon_low=eps, vocab_chunk=40, seq_chunk=5, **psi)
     masks, out = _run(name, cfg, batch, adv, jax.random.key(b + m))
     ell, old, ref = (np_ell(np_coupled(q, batch, masks), batch, masks, weighting, np.ones((b, length)))
                      for q in (p, p_old, p_ref))
@@ -161,7 +163,7 @@ def test_one_step_and_spg_objectives_against_numpy():
     cm = np.asarray(batch.completion_mask, np.float64)
     gather = lambda z, y: np.take_along_axis(np_log_softmax(z), y[..., None], -1)[..., 0]
 
-    cfg = ObjectiveConfig(name="d1", vocab_chunk=32, seq_chunk=3)
+    cfg = objective_config(name="d1", vocab_chunk=32, seq_chunk=3)
     masks, out = _run("d1", cfg, batch, jnp.asarray(adv, jnp.float32), jax.random.key(2))
     toks = np.concatenate([np.where(np.asarray(masks["prompt_is_mask"]), MASK, seq[:, :lp]),
                            np.full_like(comp, MASK)], 1)
@@ -172,7 +174,7 @@ def test_one_step_and_spg_objectives_against_numpy():
     np.testing.assert_allclose(float(out.numerator) / float(out.denominator), (per * cm).sum() / cm.sum(),
                                rtol=2e-4, atol=1e-6)
 
-    cfg = ObjectiveConfig(name="wd1", vocab_chunk=32, seq_chunk=3)
+    cfg = objective_config(name="wd1", vocab_chunk=32, seq_chunk=3)
     masks, out = _run("wd1", cfg, batch, jnp.asarray(adv, jnp.float32), jax.random.key(3))
     toks = np.concatenate([np.where(np.asarray(masks["prompt_is_mask"]), MASK, seq[:, :lp]),
                            np.full_like(comp, MASK)], 1)
@@ -180,7 +182,7 @@ def test_one_step_and_spg_objectives_against_numpy():
     sm = lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum()
     np.testing.assert_allclose(float(out.numerator), -(sm(adv) * s).sum() + (sm(-adv) * s).sum(), rtol=2e-4)
 
-    cfg = ObjectiveConfig(name="spg", vocab_chunk=32, seq_chunk=3, block_length=4, logp_estimation="mix")
+    cfg = objective_config(name="spg", vocab_chunk=32, seq_chunk=3, block_length=4, logp_estimation="mix")
     masks, out = _run("spg", cfg, batch, jnp.asarray(adv, jnp.float32), jax.random.key(4))
     im = np.asarray(masks["is_mask"])
     toks = np.where(im, MASK, seq[:, None]).reshape(b * 2, -1)
@@ -209,8 +211,8 @@ def test_gdsd_logit_and_teacher_logits_against_numpy(head):
         p_ref = dict(p_ref, lm_head=p["lm_head"])
     adv = jnp.asarray([0.4, -0.2, -0.2])
     psi, beta = 3.0, 0.2
-    cfg = ObjectiveConfig(name="gdsd_logit", num_mc=m, psi=psi, beta=beta, logit_teacher_head=head,
-                          score_positions="completion_mask", vocab_chunk=40, seq_chunk=4)
+    cfg = objective_config(name="gdsd_logit", num_mc=m, psi=psi, beta=beta, logit_teacher_head=head,
+                           score_positions="completion_mask", vocab_chunk=40, seq_chunk=4)
     obj = get_objective("gdsd_logit")
     masks = obj.draw_masks(jax.random.key(5), batch, cfg)
 
@@ -260,7 +262,7 @@ def test_on_policy_gradient_closed_form_through_the_model():
     batch = _batch(b, lp, length, seed=21)
     p, _, p_ref = _params()
     adv = jnp.asarray([0.5, -1.0, 0.25])
-    cfg = ObjectiveConfig(name="gdsd_tlc", num_mc=m, psi=psi, beta=beta, vocab_chunk=48, seq_chunk=3)
+    cfg = objective_config(name="gdsd_tlc", num_mc=m, psi=psi, beta=beta, vocab_chunk=48, seq_chunk=3)
     obj = get_objective("gdsd_tlc")
     masks = obj.draw_masks(jax.random.key(9), batch, cfg)
     ref = obj.statistics(p_ref, MODEL, batch, masks, cfg)
@@ -298,8 +300,8 @@ def test_objective_differentiates_wrt_lora_under_jit(name):
     lora = _lora()
     lora_old = jax.tree.map(lambda x: x * 0.9, lora)
     adv = jnp.asarray([0.3, -0.3, 1.0, -1.0])
-    cfg = ObjectiveConfig(name=name, num_mc=2, block_length=4, vocab_chunk=None, seq_chunk=None,
-                          epsilon_low=0.5 if name == "gdsd" else None)
+    own = {"gdsd": dict(num_mc=2, epsilon_low=0.5), "gdsd_logit": dict(num_mc=2), "spg": dict(block_length=4)}
+    cfg = objective_config(name=name, vocab_chunk=None, seq_chunk=None, **own[name])
     obj = get_objective(name)
 
     @jax.jit
@@ -325,29 +327,30 @@ def test_registry_names_and_contract():
     with pytest.raises(ValueError, match="unknown objective"):
         get_objective("grpo")
     with pytest.raises(ValueError, match="ObjectiveConfig\\(name='d1'\\)"):
-        get_objective("gdsd").needs_ref(ObjectiveConfig(name="d1"))
+        get_objective("gdsd").needs_ref(objective_config(name="d1"))
     expect_old = {"gdsd": True, "gdsd_tlc": True, "gdsd_logit": True, "espo": True, "d1": True, "spg": False,
                   "wd1": False}
     for name in objective_names():
-        obj, cfg = get_objective(name), ObjectiveConfig(name=name)
+        obj, cfg = get_objective(name), objective_config(name=name)
         assert obj.needs_old(cfg, 2) == expect_old[name]
         assert not obj.needs_old(cfg, 1)
-        assert obj.needs_ref(cfg) == (OFFICIAL_DEFAULTS[name]["beta"] != 0 and name not in ("wd1", "spg"))
-        if name != "spg":
+        assert obj.needs_ref(cfg) == (name not in ("wd1", "spg"))     # every official beta is > 0 where it exists
+        if name not in ("spg", "wd1"):
             assert not obj.needs_ref(cfg.replace(beta=0.0))
 
 
 def test_config_defaults_and_replace():
-    c = ObjectiveConfig()
+    c = objective_config()
     assert (c.name, c.beta, c.epsilon_low, c.epsilon_high, c.kl_estimator, c.score_positions) == \
         ("gdsd", 1e-3, 4e-4, 4e-4, "k2", "all")
     assert c.clip_mode == "sequence" and c.mc_reduce == "sum" and c.use_attention_mask is False
-    d1 = c.replace(name="d1")
+    d1 = objective_config(name="d1")
     assert (d1.beta, d1.epsilon_low, d1.kl_estimator, d1.score_positions) == (0.04, 0.2, "k3", "completion_mask")
-    explicit = ObjectiveConfig(beta=0.5, epsilon_low=0.1).replace(name="d1")
+    explicit = objective_config(name="d1", beta=0.5, epsilon_low=0.1)
     assert explicit.beta == 0.5 and explicit.epsilon_low == 0.1 and explicit.epsilon_high == 0.1
-    assert ObjectiveConfig(name="spg").use_attention_mask is True
+    assert objective_config(name="spg").use_attention_mask is True
     assert ObjectiveConfig.from_dict({"name": "espo", "num_mc": 2}).num_mc == 2
+    assert c.replace(psi=3.0).psi == 3.0 and type(c.replace(psi=3.0)) is config_class("gdsd")
     np.testing.assert_allclose(c.clip_bounds, (np.log(1 - 4e-4), np.log(1 + 4e-4)))
 
 
@@ -357,21 +360,36 @@ def test_config_defaults_and_replace():
     (dict(clip_mode="ratio"), "clip_mode"), (dict(num_mc=0), "num_mc"), (dict(mc_reduce="max"), "mc_reduce"),
     (dict(score_positions="eos"), "score_positions"), (dict(kl_estimator="k4"), "kl_estimator"),
     (dict(tlc_centring="mean"), "tlc_centring"), (dict(vocab_chunk=0), "vocab_chunk"),
-    (dict(seq_chunk=-3), "seq_chunk"), (dict(min_t=0.6, max_t=0.5), "min_t"),
-    (dict(logp_estimation="upper"), "logp_estimation"), (dict(name="spg", beta=0.1), "beta"),
-    (dict(p_mask_prompt=1.5), "p_mask_prompt"), (dict(logit_teacher_head="old"), "logit_teacher_head"),
-    (dict(num_t=0), "num_t"), (dict(use_attention_mask="yes"), "use_attention_mask"),
+    (dict(name="gdsd_tlc", tlc_centring="mean"), "tlc_centring"), (dict(vocab_chunk=0), "vocab_chunk"),
+    (dict(seq_chunk=-3), "seq_chunk"), (dict(name="spg", min_t=0.6, max_t=0.5), "max_t"),
+    (dict(name="spg", logp_estimation="upper"), "logp_estimation"), (dict(name="spg", beta=0.1), "beta"),
+    (dict(name="d1", p_mask_prompt=1.5), "p_mask_prompt"),
+    (dict(name="gdsd_logit", logit_teacher_head="old"), "logit_teacher_head"),
+    (dict(name="spg", num_t=0), "num_t"), (dict(use_attention_mask="yes"), "use_attention_mask"),
 ])
 def test_config_validation_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
-        ObjectiveConfig(**bad)
+        objective_config(**bad)
 
 
-def test_config_unknown_keys():
-    with pytest.raises(ValueError, match="unknown ObjectiveConfig field"):
-        ObjectiveConfig.from_dict({"name": "gdsd", "temperature": 1.0})
-    with pytest.raises(ValueError, match="unknown ObjectiveConfig field"):
-        ObjectiveConfig().replace(gamma=1.0)
+@pytest.mark.parametrize("name,field,owners", [("gdsd", "num_t", "a setting of spg only"),
+                                               ("spg", "beta", "a setting of gdsd, gdsd_tlc"),
+                                               ("gdsd", "wd1_negative", "a setting of wd1 only"),
+                                               ("espo", "psi", "a setting of gdsd, gdsd_tlc, gdsd_logit only"),
+                                               ("gdsd", "temperature", "not a setting of any objective")])
+def test_a_setting_of_another_method_is_named(name, field, owners):
+    """A field the chosen method does not read fails, naming the field, the method and where it belongs."""
+    with pytest.raises(ValueError, match=rf"objective '{name}' has no setting '{field}' \({owners}"):
+        ObjectiveConfig.from_dict({"name": name, field: 1})
+    with pytest.raises(ValueError, match=rf"objective '{name}' has no setting '{field}'"):
+        objective_config(name=name).replace(**{field: 1})
+
+
+def test_only_the_method_classes_are_built():
+    with pytest.raises(TypeError, match="objective_config"):
+        ObjectiveConfig(name="gdsd")
+    with pytest.raises(ValueError, match="holds the settings of 'gdsd'"):
+        config_class("gdsd")(name="spg")
 
 
 def test_bad_batch_and_advantages():
@@ -380,7 +398,7 @@ def test_bad_batch_and_advantages():
     with pytest.raises(ValueError, match="completion_mask"):
         RolloutBatch.create(np.zeros((2, 7), np.int32), np.ones((2, 3)), np.ones((2, 5)))
     batch = _batch(2, 3, 4, seed=0)
-    obj, cfg = get_objective("gdsd"), ObjectiveConfig(beta=0.0)
+    obj, cfg = get_objective("gdsd"), objective_config(beta=0.0)
     masks = obj.draw_masks(jax.random.key(0), batch, cfg)
     with pytest.raises(ValueError, match="advantages"):
         obj.loss(_params()[0], MODEL, batch, masks, None, None, jnp.zeros(3), cfg)
@@ -391,7 +409,7 @@ def test_each_objective_names_per_iteration_metrics_its_loss_reports(name):
     """The per-iteration metrics an objective names are among those its loss returns (the trainer once
     hard-coded ``clip_fraction`` / ``in_band_fraction``, names no loss reports, so those were never logged)."""
     obj = get_objective(name)
-    cfg = ObjectiveConfig(name=name, **(dict(block_length=4) if name == "spg" else {}))
+    cfg = objective_config(name, **(dict(block_length=4) if name == "spg" else {}))
     batch = _batch(4, 3, 8, seed=7)
     _, out = _run(name, cfg, batch, jnp.asarray([1.0, -0.5, 0.25, -0.75]), jax.random.key(2))
     assert set(obj.iteration_metrics) <= set(out.metrics)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gdsd_jax.config_io import ConfigError, load_config
+from gdsd_jax.objectives.config import CONFIG_CLASSES
 from gdsd_jax.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +75,9 @@ def test_every_config_key_is_read():
             if isinstance(node, ast.FunctionDef) and node.name == "validate":
                 node.body = []
         read |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    unread = [f"{section.name}.{f.name}" for section in dataclasses.fields(TrainConfig)
-              if dataclasses.is_dataclass(section.default) for f in dataclasses.fields(section.default)
+    sections = [(s.name, s.default) for s in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(s.default)]
+    sections += [(f"objective[{name}]", cls) for name, cls in CONFIG_CLASSES.items()]   # every method's settings
+    unread = [f"{name}.{f.name}" for name, section in sections for f in dataclasses.fields(section)
               if f.name not in read]
     assert not unread, f"run-config keys never read: {unread}"
 
@@ -93,7 +95,7 @@ def test_fast_decoding_options_reach_the_samplers():
     cfg = load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml",
                       ["sampling.cache=dual", "sampling.block_length=8", "sampling.cache_refresh_every=2",
                        "eval.sampling={threshold: 0.9}"]).validate()
-    rollout, evaluation = cfg.sampling_config(), cfg.eval_sampling_config()
+    rollout, evaluation = cfg.sampling, cfg.eval_sampling_config()
     assert (rollout.cache, rollout.cache_refresh_every, rollout.threshold) == ("dual", 2, None)
     assert (evaluation.cache, evaluation.threshold) == ("dual", 0.9)
     with pytest.raises(ConfigError, match=r"sampling: SamplingConfig\.threshold=1\.5"):
@@ -122,7 +124,7 @@ def test_dream_recipes_sample_top_50_as_the_official_runs(name):
     diffusion_generate, official_eval.md §5); LLaDA's sampler has no top-k."""
     cfg = load_config(TrainConfig, REPO / "configs" / name).validate()
     want = 50 if name.startswith("dream") else None
-    assert cfg.sampling_config().top_k == want and cfg.eval_sampling_config().top_k == want
+    assert cfg.sampling.top_k == want and cfg.eval_sampling_config().top_k == want
 
 
 def test_eval_command_gives_dream_models_the_official_top_k():
@@ -299,11 +301,12 @@ def _numpy_advantages(r: np.ndarray, g: int, method: str, scale_std: bool) -> np
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_ADVANTAGES))
 def test_advantages_default_to_the_objectives_own(tmp_path, name):
-    over = ["objective.block_length=4"] if name == "spg" else []
-    cfg = tiny_cfg(tmp_path, f"objective.name={name}", *over)
+    # The whole section is replaced: the base config's GDSD settings (psi, clip_mode) are not the method's.
+    objective = "objective={name: spg, block_length: 4}" if name == "spg" else f"objective={{name: {name}}}"
+    cfg = tiny_cfg(tmp_path, objective)
     assert cfg.advantage_settings() == OFFICIAL_ADVANTAGES[name]
     assert "own" in run_describe(cfg) and "set by" not in run_describe(cfg)
-    cfg = tiny_cfg(tmp_path, f"objective.name={name}", "rl.advantage=loo", "rl.scale_std=true", *over)
+    cfg = tiny_cfg(tmp_path, objective, "rl.advantage=loo", "rl.scale_std=true")
     assert cfg.advantage_settings() == ("loo", True)
     assert "set by rl.advantage=loo, rl.scale_std=True" in run_describe(cfg)
 
@@ -318,10 +321,10 @@ def run_describe(cfg) -> str:
     (("rl.advantage=loo", "rl.scale_std=false"), ("loo", False)),       # an explicit setting wins
 ])
 def test_d1_run_trains_with_d1_advantages(tmp_path, monkeypatch, extra, expected):
-    """objective.name=d1 without rl.* settings: the update receives d1's std-scaled group-mean advantages."""
+    """objective d1 without rl.* settings: the update receives d1's std-scaled group-mean advantages."""
     from gdsd_jax.training.task_adapter import CompactAdapter
 
-    _, trainer, task = _trainer(tmp_path, "objective.name=d1", *extra)
+    _, trainer, task = _trainer(tmp_path, "objective={name: d1, beta: 0.0}", *extra)
     g = trainer.cfg.rl.num_generations
     rewards = np.random.default_rng(0).uniform(0, 1, trainer.rows).astype(np.float32)
     original = CompactAdapter.score
@@ -416,7 +419,7 @@ def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     steps = [r for r in lines if "nonfinite_updates" in r]
     assert [r["nonfinite_updates"] for r in steps] == [0, 0, 1, 1]
     # Rollout cost metrics: the exact sampler makes `steps` forwards per completion.
-    assert all(r["rollout_nfe"] == cfg.sampling_config().steps for r in steps)
+    assert all(r["rollout_nfe"] == cfg.sampling.steps for r in steps)
     assert all(0 < r["time_share_rollout"] < 1 and r["tokens_per_second_rollout"] > 0 for r in steps)
     # Checkpoints written before the failure are intact; the skipped updates left the parameters alone.
     ck = RunCheckpointer(tmp_path / "checkpoints")

@@ -15,7 +15,8 @@ import typing
 import pytest
 
 from gdsd_jax import cli
-from gdsd_jax.config_io import ConfigError, load_config
+from gdsd_jax.config_io import ConfigError, load_config, read_yaml, to_dict
+from gdsd_jax.objectives.config import CONFIG_CLASSES, objective_config
 from gdsd_jax.training.config import TrainConfig
 from tests.test_rl_trainer import REPO, TINY
 
@@ -43,26 +44,33 @@ def _cfg(*overrides: str) -> TrainConfig:
     ("eval.max_examples=-3", r"eval\.max_examples=-3: expected an integer > 0"),
     ("task.prompt_length=-2", r"task\.prompt_length=-2: expected an integer > 0"),
     ("lora.alpha=-1", r"lora\.alpha=-1\.0: expected a finite number > 0"),
-    ("lora.dropout=0.05", r"lora\.dropout=0\.05: adapter dropout is not supported"),
+    ("lora.dropout=0.05", r"config key 'lora\.dropout' was removed \(adapter dropout is not implemented"),
     ("distributed.mesh=bogus", r"distributed\.mesh='bogus': bad mesh entry 'bogus'"),
     ("distributed.mesh=data=0", r"distributed\.mesh='data=0': bad mesh entry"),
     ("sampling.block_length=5", r"sampling: .*gen_length=16 is not divisible by block_length=5"),
+    ("sampling.steps=0", r"sampling: SamplingConfig\.steps=0: expected an integer > 0"),
     ("eval.sampling={block_length: 3}", r"eval\.sampling: .*not divisible by block_length=3"),
-    ("model.preset=nope", r"model\.preset: unknown model preset 'nope'"),
+    ("eval.sampling={temprature: 0.0}", r"unknown config key\(s\) \['eval\.sampling\.temprature'\]"),
+    ("objective.psi=.nan", r"objective: GDSDConfig\.psi=nan: expected a finite number"),
+    ("objective.num_t=4", r"objective: objective 'gdsd' has no setting 'num_t' \(a setting of spg only\)"),
+    ("objective={name: spg, beta: 0.1}", r"objective 'spg' has no setting 'beta'"),
+    ("model.preset=nope", r"^model\.preset: unknown model preset 'nope'"),
     ("task.name=chess", r"task: unknown task 'chess'"),
     ("task.kwargs={path: x.jsonl}", r"task 'sudoku' takes no argument\(s\) \['path'\]; valid: \['train_file'"),
 ])
 def test_a_bad_value_fails_in_validate_naming_key_value_and_expectation(override, message):
-    cfg = _cfg(override)                        # the file and the override parse ...
+    # The sections built from their own classes (sampling, objective) fail as the file is read, the
+    # cross-field checks in validate(): both before anything is written.
     with pytest.raises(ConfigError, match=message):
-        cfg.validate()                          # ... and validate() rejects the value
+        _cfg(override).validate()
 
 
 def test_every_numeric_setting_declares_its_range():
     """A numeric field added without a range would be accepted whatever its value: the declaration is the rule."""
     unranged = []
-    for section in dataclasses.fields(TrainConfig):
-        cls = typing.get_type_hints(TrainConfig)[section.name]
+    sections = [(s.name, typing.get_type_hints(TrainConfig)[s.name]) for s in dataclasses.fields(TrainConfig)]
+    sections += [(f"objective[{name}]", cls) for name, cls in CONFIG_CLASSES.items()]
+    for section, cls in sections:
         if not dataclasses.is_dataclass(cls):
             continue
         hints = typing.get_type_hints(cls)
@@ -72,13 +80,34 @@ def test_every_numeric_setting_declares_its_range():
             if typing.get_origin(hint) in (dict, tuple, list):
                 continue
             if scalar & {int, float} and "range" not in f.metadata:
-                unranged.append(f"{section.name}.{f.name}")
+                unranged.append(f"{section}.{f.name}")
     assert unranged == []
 
 
 def test_the_shipped_configs_validate():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(TrainConfig, path).validate()
+
+
+def _restated_defaults(raw: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Keys of ``raw`` whose value equals the default at the same place (mapping-valued settings compared whole)."""
+    out = []
+    for key, value in raw.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict) and default:
+            out += _restated_defaults(value, default, f"{prefix}{key}.")
+        elif value == default and f"{prefix}{key}" != "objective.name":     # the name picks the settings class
+            out.append(f"{prefix}{key}={value!r}")
+    return out
+
+
+def test_the_embedded_default_states_only_deviations():
+    """One default per setting: the embedded default's file sets only what differs from the classes' defaults
+    (the objective's: the chosen method's), so the two cannot drift apart."""
+    raw = read_yaml(CONFIG)
+    cfg = load_config(TrainConfig, CONFIG)
+    defaults = to_dict(TrainConfig(objective=objective_config(cfg.objective.name)))
+    assert _restated_defaults(raw, defaults) == []
 
 
 def test_global_batches_are_checked_against_the_devices():
@@ -127,7 +156,7 @@ def _one_line(err: str, *needles: str) -> str:
 
 @pytest.mark.parametrize("override, needle", [
     ("rl.prompts=3", "rl.prompts"), ("model.preset=nope", "unknown model preset 'nope'"),
-    ("task.name=chess", "unknown task 'chess'"), ("lora.dropout=0.05", "lora.dropout=0.05"),
+    ("task.name=chess", "unknown task 'chess'"), ("lora.dropout=0.05", "config key 'lora.dropout' was removed"),
     ("model.overrides={bogus: 1}", "bogus"), ("not_an_override", "expected KEY=VALUE"),
 ])
 def test_config_errors_are_one_line_and_write_nothing(tmp_path, capsys, override, needle):

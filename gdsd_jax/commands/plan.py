@@ -147,7 +147,7 @@ def run(args) -> int:
     rl = cfg.rl
     print(f"plan: {rl.prompts_per_step} prompts x {rl.num_generations} = {rl.prompts_per_step * rl.num_generations} "
           f"rows per step, micro-batch {rl.micro_batch_size}, {rl.num_iterations} inner iterations; "
-          f"sequence {cfg.task.prompt_length} + {cfg.sampling_config().gen_length} tokens")
+          f"sequence {cfg.task.prompt_length} + {cfg.sampling.gen_length} tokens")
     rows = plan.plan_recipe(cfg, model_cfg, mesh, modes=modes, remats=remats, model_name=name,
                             progress=not args.no_progress, log=print)
     print()

@@ -27,6 +27,11 @@ FAMILIES: tuple[str, ...] = ("llada", "dream")
 #: (weights-stationary projections) and recomputes the cheap element-wise work.
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots")
 
+#: The attention core's gradient: ``"xla"`` differentiates the plain einsum/softmax/einsum composition with
+#: JAX's autodiff (the portable reference); ``"custom_vjp"`` uses the hand-written backward of
+#: :func:`gdsd_jax.models.denoiser.attention` (faster on XLA:CPU; reverse mode only).
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "custom_vjp")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -61,9 +66,24 @@ class DenoiserConfig:
         embedding (on top of RoPE). Not part of LLaDA or Dream (their checkpoints have no such tensor):
         an option for tiny models on fixed-layout inputs, where a token's absolute index carries structure
         (a grid's row/column/box) that relative (RoPE) positions only expose indirectly.
+
+    Execution switches (the same function either way; docs/training.md, "Model execution switches"). The
+    portable reference is ``attention_impl="xla"``, ``merge_projections=False``, ``merge_token_dims=False``,
+    ``scan_layers=True``; the defaults keep what runs fastest on XLA:CPU, where the project's numbers were
+    measured, and each is a plain reformulation of the reference (tests compare outputs and gradients):
+
+      attention_impl: one of :data:`ATTENTION_IMPLS`. ``"custom_vjp"`` (default) avoids the slow fused
+        kernels XLA:CPU builds for the autodiff backward; ``"xla"`` lets the compiler differentiate the
+        composition (forward-mode autodiff works, and a TPU / GPU compiler fuses it well).
+      merge_projections: compute q/k/v (and gate/up) as one matmul against the concatenated weights, so
+        the backward transposes the activations once (default True; always off with a ``tensor`` mesh
+        axis, where the concatenation would regather the split outputs).
+      merge_token_dims: fold the batch and length dims into one before every projection (default True):
+        the weight gradient then contracts one dim, which avoids a strided transposed copy on XLA:CPU.
       scan_layers: run the blocks with ``lax.scan`` over stacked parameters (constant compile time in
-        depth). Parameters are always stored stacked ``[num_layers, ...]``; ``False`` unrolls a Python
-        loop over the same arrays (useful for debugging and per-layer profiles).
+        depth; default True). Parameters are always stored stacked ``[num_layers, ...]``; ``False`` unrolls
+        a Python loop over the same arrays (faster for a few narrow layers on the CPU, where the scan's
+        stacked residuals cost more than the layers; also useful for per-layer profiles).
     """
 
     family: Family
@@ -86,6 +106,9 @@ class DenoiserConfig:
     remat: str = "none"
     scan_layers: bool = True
     learned_positions: bool = False
+    attention_impl: str = "custom_vjp"
+    merge_projections: bool = True
+    merge_token_dims: bool = True
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -101,6 +124,12 @@ class DenoiserConfig:
             raise ValueError(f"DenoiserConfig.head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"DenoiserConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"DenoiserConfig.attention_impl={self.attention_impl!r}; expected one of "
+                             f"{ATTENTION_IMPLS}")
+        for name in ("scan_layers", "learned_positions", "merge_projections", "merge_token_dims"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DenoiserConfig.{name}={getattr(self, name)!r}; expected true or false")
         dtype_from_name(self.param_dtype)
         dtype_from_name(self.compute_dtype)
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):

@@ -192,47 +192,49 @@ def positions_and_mask(cfg: DenoiserConfig, tokens: jax.Array,
     return pos, am[:, None, None, :] & am[:, None, :, None]
 
 
-def _proj(x, w, spec: str, lora: Mapping | None, name: str, lora_scale: float, dtype):
+def _proj(x, w, spec: str, lora: Mapping | None, name: str, lora_scale: float, dtype,
+          merge_token_dims: bool):
     """``einsum(spec, x, w)`` plus an optional low-rank update ``(x A) B * scale``.
 
-    The token dims (``b, l``) are merged into one before the contraction and split again after. The
-    result is the same; the reason is speed: with two token dims, the weight gradient contracts over
-    both, and XLA:CPU then materialises a transposed copy of the activations fused with their
-    elementwise producers (strided, cache-missing reads); that copy cost more than the matmuls (the
-    backward of the tiny Sudoku model ran 11x its forward instead of ~2-3x). Merging leading dims is a
-    free reshape on every backend.
+    With ``merge_token_dims`` (``DenoiserConfig.merge_token_dims``) the token dims (``b, l``) are merged into
+    one before the contraction and split again after. The result is the same; the reason is speed: with two
+    token dims, the weight gradient contracts over both, and XLA:CPU then materialises a transposed copy of
+    the activations fused with their elementwise producers (strided, cache-missing reads); that copy cost
+    more than the matmuls (the backward of the tiny Sudoku model ran 11x its forward instead of ~2-3x).
+    Merging leading dims is a free reshape on every backend; ``False`` is the plain einsum.
     """
     lhs, out = spec.split("->")
     xs, ws = lhs.split(",")
     keep = "".join(c for c in xs if c not in ws)
     lead = x.shape[:len(keep)]
-    x = x.reshape((-1,) + x.shape[len(keep):])
-    xs, out = "N" + xs[len(keep):], "N" + out[len(keep):]
+    if merge_token_dims:
+        x = x.reshape((-1,) + x.shape[len(keep):])
+        xs, out, keep = "N" + xs[len(keep):], "N" + out[len(keep):], "N"
     y = jnp.einsum(f"{xs},{ws}->{out}", x, w.astype(dtype))
     if lora is not None and name in lora:
         a, b = lora[name]["a"].astype(dtype), lora[name]["b"].astype(dtype)
         # Contract x with A over the weight's input dims, then B maps the rank to the output dims.
         in_dims = "".join(c for c in ws if c in xs)
         out_dims = "".join(c for c in ws if c not in xs)
-        mid = jnp.einsum(f"{xs},{in_dims}r->Nr", x, a)
-        y = y + lora_scale * jnp.einsum(f"Nr,r{out_dims}->{out}", mid, b)
-    return y.reshape(lead + y.shape[1:])
+        mid = jnp.einsum(f"{xs},{in_dims}r->{keep}r", x, a)
+        y = y + lora_scale * jnp.einsum(f"{keep}r,r{out_dims}->{out}", mid, b)
+    return y.reshape(lead + y.shape[len(keep):])
 
 
 def _merged_proj(x: jax.Array, weights: list, lora: Mapping | None, names: list, lora_scale: float, dtype,
-                 merge: bool) -> list:
+                 merge: bool, merge_token_dims: bool) -> list:
     """x [B, L, D] times several weights that share the input, ``[D, *out_i]`` each -> ``[B, L, *out_i]``.
 
     Same values as one :func:`_proj` per weight (each output column is the same dot product), computed as
     ONE matmul with the weights concatenated along their outputs when ``merge``: the backward pass then
     transposes the activations once for all the weight gradients instead of once per weight (on XLA:CPU
-    each of those transposes cost as much as a third of the matmul they feed). ``merge=False`` (tensor
-    parallelism, where the output dims are split over devices and a concatenation would regather them)
-    runs the projections one by one.
+    each of those transposes cost as much as a third of the matmul they feed). ``merge=False``
+    (``DenoiserConfig.merge_projections`` off, or tensor parallelism, where the output dims are split over
+    devices and a concatenation would regather them) runs the projections one by one.
     """
     if not merge:
-        return [_proj(x, w, "bld,dhk->blhk" if w.ndim == 3 else "bld,df->blf", lora, n, lora_scale, dtype)
-                for w, n in zip(weights, names)]
+        return [_proj(x, w, "bld,dhk->blhk" if w.ndim == 3 else "bld,df->blf", lora, n, lora_scale, dtype,
+                      merge_token_dims) for w, n in zip(weights, names)]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])                                       # [N, D]
     flat = [w.astype(dtype).reshape(w.shape[0], -1) for w in weights]     # [D, out_i]
@@ -247,9 +249,10 @@ def _merged_proj(x: jax.Array, weights: list, lora: Mapping | None, names: list,
     return outs
 
 
-def _merge_projections(mesh: Mesh | None) -> bool:
-    """Merge the q/k/v and gate/up matmuls unless output dims are split over a ``tensor`` mesh axis."""
-    return mesh is None or dict(mesh.shape).get("tensor", 1) == 1
+def _merge_projections(cfg: DenoiserConfig, mesh: Mesh | None) -> bool:
+    """Merge the q/k/v and gate/up matmuls (``cfg.merge_projections``) unless output dims are split over a
+    ``tensor`` mesh axis."""
+    return cfg.merge_projections and (mesh is None or dict(mesh.shape).get("tensor", 1) == 1)
 
 
 def _to_kv_major(x: jax.Array, kv_heads: int) -> jax.Array:
@@ -344,10 +347,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     autodiff's up to rounding; in bf16 the row sums use the bf16 O (as FlashAttention does). Reverse mode
     only: ``jax.jvp`` / ``jax.jacfwd`` through a ``custom_vjp`` function raise.
     """
-    return _attention_fwd(q, k, v, mask, divisor)[0]
+    return attention_reference(q, k, v, mask, divisor)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                        divisor: float | None = None) -> jax.Array:
+    """:func:`attention` as the plain composition, differentiated by JAX's autodiff (the portable path,
+    ``DenoiserConfig.attention_impl="xla"``; forward and reverse mode). Same shapes and values."""
+    return _attention_fwd(q, k, v, mask, divisor)[0]
 
 
 def _masked_concat_attention(q, k_cache, v_cache, k_new, v_new, mask_cache, mask_new, divisor):
@@ -387,10 +397,10 @@ def block_with_kv(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Ar
     :func:`cached_logits`.
     """
     dtype = cfg.dtype
-    merge = _merge_projections(mesh)
+    merge, tokens = _merge_projections(cfg, mesh), cfg.merge_token_dims
     x = rms_norm(h, layer["attn_norm"], cfg.rms_eps)
     q, k, v = _merged_proj(x, [layer["q"], layer["k"], layer["v"]], lora, ["q", "k", "v"], lora_scale, dtype,
-                           merge)
+                           merge, tokens)
     if cfg.qkv_bias:
         q = q + layer["q_bias"].astype(dtype)
         k = k + layer["k_bias"].astype(dtype)
@@ -406,17 +416,18 @@ def block_with_kv(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Ar
         q = q * jnp.asarray(1.0 / scale, dtype)
     divisor = None if exact else float(scale)
     if past is None:
-        attn = attention(q, k, v, mask, divisor)
+        core = attention if cfg.attention_impl == "custom_vjp" else attention_reference
+        attn = core(q, k, v, mask, divisor)
     else:
         k_cache, v_cache, cache_mask = past
         attn = _masked_concat_attention(q, k_cache, v_cache, k, v, cache_mask, mask, divisor)
     attn = constrain(attn, mesh, ("batch", "length", "heads", "head_dim"))
-    h = h + _proj(attn, layer["o"], "blhk,hkd->bld", lora, "o", lora_scale, dtype)
+    h = h + _proj(attn, layer["o"], "blhk,hkd->bld", lora, "o", lora_scale, dtype, tokens)
     h = constrain(h, mesh, ("batch", "length", "act_embed"))
     x = rms_norm(h, layer["mlp_norm"], cfg.rms_eps)
-    g, u = _merged_proj(x, [layer["gate"], layer["up"]], lora, ["gate", "up"], lora_scale, dtype, merge)
+    g, u = _merged_proj(x, [layer["gate"], layer["up"]], lora, ["gate", "up"], lora_scale, dtype, merge, tokens)
     f = constrain(jax.nn.silu(g) * u, mesh, ("batch", "length", "mlp"))
-    h = h + _proj(f, layer["down"], "blf,fd->bld", lora, "down", lora_scale, dtype)
+    h = h + _proj(f, layer["down"], "blf,fd->bld", lora, "down", lora_scale, dtype, tokens)
     return constrain(h, mesh, ("batch", "length", "act_embed")), k, v
 
 

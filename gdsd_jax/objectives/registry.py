@@ -108,7 +108,7 @@ class Objective:
             raise ValueError(f"{self.name}: expected an ObjectiveConfig, got {type(cfg).__name__}")
         if cfg.name != self.name:
             raise ValueError(f"objective {self.name!r} called with ObjectiveConfig(name={cfg.name!r}); "
-                             f"use get_objective(cfg.name) or cfg.replace(name={self.name!r})")
+                             f"use get_objective(cfg.name) or objective_config(name={self.name!r})")
         if batch is not None:
             batch.validate()
         if advantages is not None and tuple(advantages.shape) != (batch.batch_size,):

@@ -14,7 +14,7 @@ from gdsd_jax.allocator import active_allocator
 from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params, storage_path
 from gdsd_jax.checkpoint.policy import BASE_DIR, POLICY_DIR
 from gdsd_jax.checkpoint.train_state import RunCheckpointer
-from gdsd_jax.config_io import ConfigError, to_dict
+from gdsd_jax.config_io import ConfigError, build, to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.loading import write_policy
 from gdsd_jax.rl.trainer import NonFiniteError, RLTrainer, merged_policy_params
@@ -40,7 +40,7 @@ def _advantage_name(method: str, scale_std: bool) -> str:
 def describe_advantages(cfg: TrainConfig) -> str:
     """One log line: the advantages the run trains with, and where an ``rl.*`` setting overrides the
     objective's own choice."""
-    name = cfg.objective_config().name
+    name = cfg.objective.name
     used = _advantage_name(*cfg.advantage_settings())
     explicit = [f"rl.{k}={getattr(cfg.rl, k)}" for k in ("advantage", "scale_std") if getattr(cfg.rl, k) is not None]
     if not explicit:
@@ -96,7 +96,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                            async_save=cfg.checkpoint.async_save)
     resume_step = ckpt.latest_step() if resume else None
     if resume and resume_step is not None:
-        _check_resume_config(ckpt.newest_meta()[1]["config"], to_dict(cfg))
+        # The saved config is rebuilt first, so that sections an older run stored sparsely (only the keys its
+        # file set) compare by value with today's full ones.
+        _check_resume_config(to_dict(build(TrainConfig, ckpt.newest_meta()[1]["config"])), to_dict(cfg))
     elif not resume and ckpt.latest_step() is not None:
         raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints; pass --resume to continue "
                               f"or choose another --output-dir")
@@ -203,7 +205,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     logger.close()
     if after is not None:
         b = meta["before"]
-        _print_summary(b, after.mean_reward, out, cfg.objective_config().name)
+        _print_summary(b, after.mean_reward, out, cfg.objective.name)
     return TrainResult(before, after, int(state["step"]), out)
 
 

@@ -132,9 +132,9 @@ class RLTrainer:
         self.task = task
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
-        self.sampling_cfg = cfg.sampling_config()
+        self.sampling_cfg = cfg.sampling
         self.eval_sampling_cfg = cfg.eval_sampling_config()
-        self.obj_cfg = cfg.objective_config()
+        self.obj_cfg = cfg.objective
         self.objective = get_objective(self.obj_cfg.name)
         rl = cfg.rl
         self.rows = rl.prompts_per_step * rl.num_generations               # trained rows per step

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+
+from gdsd_jax.config_io import check_ranges, ranged
 
 REMASKING: tuple[str, ...] = ("low_confidence", "random")
 ALGORITHMS: tuple[str, ...] = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -72,61 +73,36 @@ class SamplingConfig:
         ``None`` keeps the fixed schedule of ``steps``.
     """
 
-    gen_length: int = 256
-    steps: int = 128
-    block_length: int | None = None
-    temperature: float = 0.0
+    gen_length: int = ranged(256, gt=0)
+    steps: int = ranged(128, gt=0)
+    block_length: int | None = ranged(None, gt=0, why="None: one block")
+    temperature: float = ranged(0.0, ge=0, why="0 = greedy")
     remasking: str = "low_confidence"
-    cfg_scale: float = 0.0
+    cfg_scale: float = ranged(0.0, ge=0, why="0 = no guidance")
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
-    eot_token_id: int | None = None
+    eot_token_id: int | None = ranged(None, ge=0, why="a token id")
     alg: str = "entropy"
-    alg_temp: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    eps: float = 1e-3
+    alg_temp: float | None = ranged(None, ge=0)
+    top_p: float | None = ranged(None, gt=0, le=1)
+    top_k: int | None = ranged(None, gt=0)
+    eps: float = ranged(1e-3, gt=0, lt=1)
     sampler: str = "auto"
     stop_at_eos: bool = True
     return_unmask_step: bool = False
     cache: str = "none"
-    cache_refresh_every: int | None = None
-    threshold: float | None = None
+    cache_refresh_every: int | None = ranged(None, ge=1, why="None: once per block")
+    threshold: float | None = ranged(None, gt=0, le=1)
     ban_mask_token: bool = False
 
     def __post_init__(self):
         def fail(name: str, expected: str):
             raise ValueError(f"SamplingConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
-        for name in ("gen_length", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                fail(name, "a positive integer")
-        if self.block_length is not None:
-            if isinstance(self.block_length, bool) or not isinstance(self.block_length, int) or self.block_length <= 0:
-                fail("block_length", "a positive integer or None (one block)")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            fail("temperature", "a finite number >= 0 (0 = greedy)")
-        if self.remasking not in REMASKING:
-            fail("remasking", f"one of {REMASKING}")
-        if not (isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
-            fail("cfg_scale", "a finite number >= 0 (0 = no guidance)")
-        if self.alg not in ALGORITHMS:
-            fail("alg", f"one of {ALGORITHMS}")
-        if self.alg_temp is not None and not (math.isfinite(self.alg_temp) and self.alg_temp >= 0):
-            fail("alg_temp", "None or a finite number >= 0")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            fail("top_p", "None or a number in (0, 1]")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k <= 0):
-            fail("top_k", "None or a positive integer")
-        if not (0 < self.eps < 1):
-            fail("eps", "a number in (0, 1)")
-        if self.sampler not in SAMPLERS:
-            fail("sampler", f"one of {SAMPLERS}")
-        if self.eot_token_id is not None and (not isinstance(self.eot_token_id, int) or self.eot_token_id < 0):
-            fail("eot_token_id", "None or a non-negative token id")
+        check_ranges(self, "SamplingConfig")          # the numeric fields, by the ranges declared above
+        for name, choices in (("remasking", REMASKING), ("alg", ALGORITHMS), ("sampler", SAMPLERS)):
+            if getattr(self, name) not in choices:
+                fail(name, f"one of {choices}")
         self._check_fast_decoding(fail)
         if self.sampler == "llada" or self.blockwise:
             self.check_blocks()
@@ -134,16 +110,9 @@ class SamplingConfig:
     def _check_fast_decoding(self, fail) -> None:
         if self.cache not in CACHES:
             fail("cache", f"one of {CACHES}")
-        if self.cache_refresh_every is not None:
-            if (isinstance(self.cache_refresh_every, bool) or not isinstance(self.cache_refresh_every, int)
-                    or self.cache_refresh_every < 1):
-                fail("cache_refresh_every", "None (once per block) or an integer >= 1")
-            if self.cache == "none":
-                fail("cache_refresh_every", "None when cache='none' (there is no cache to refresh)")
+        if self.cache_refresh_every is not None and self.cache == "none":
+            fail("cache_refresh_every", "None when cache='none' (there is no cache to refresh)")
         if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not (isinstance(self.threshold, (int, float))
-                                                        and 0 < self.threshold <= 1):
-                fail("threshold", "None or a number in (0, 1]")
             if self.remasking != "low_confidence":
                 fail("threshold", "None with remasking='random' (a threshold needs a confidence)")
             if self.alg_temp:

@@ -82,7 +82,7 @@ def run_sft(cfg: TrainConfig, *, mesh=None, model_cfg=None, params=None, output_
 
 def _warm_start_key(cfg: TrainConfig, model_cfg: DenoiserConfig) -> str:
     blob = json.dumps({"model": model_cfg.to_dict(), "task": to_dict(cfg.task), "sft": to_dict(cfg.sft),
-                       "eval_sampling": cfg.eval.sampling, "sampling": cfg.sampling, "seed": cfg.rl.seed},
+                       "eval_sampling": cfg.eval.sampling, "sampling": to_dict(cfg.sampling), "seed": cfg.rl.seed},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

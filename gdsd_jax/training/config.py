@@ -1,10 +1,11 @@
 """Run configuration of RL training, SFT and evaluation (one YAML file per run, see ``configs/``).
 
 Every setting of the official GDSD recipes (the GDSD paper, arXiv 2605.29398, §5.1) is a field here.
-Sections whose fields belong to another module (``sampling`` -> :class:`gdsd_jax.sampling.SamplingConfig`,
-``objective`` -> :class:`gdsd_jax.objectives.ObjectiveConfig`) are kept as mappings in the file and
-validated by constructing those classes in :meth:`TrainConfig.validate`, so a wrong key still fails at
-start naming the key.
+The ``sampling`` and ``objective`` sections are the classes of the modules that read them
+(:class:`gdsd_jax.sampling.SamplingConfig`; the chosen method's :class:`gdsd_jax.objectives.ObjectiveConfig`
+subclass, picked by ``objective.name``), so their defaults, ranges and errors live in one place; a wrong key
+fails at start naming it. ``eval.sampling`` is a partial override: the keys it sets replace the rollout
+``sampling``'s for evaluation (:meth:`TrainConfig.eval_sampling_config`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Literal
 
-from gdsd_jax.config_io import ConfigError, check_ranges, ranged
+from gdsd_jax.config_io import ConfigError, build, check_ranges, ranged, to_dict
 from gdsd_jax.distributed.mesh import mesh_shape, parse_mesh_spec
 from gdsd_jax.loading import model_family
 from gdsd_jax.models.lora import TARGETS as LORA_TARGETS
-from gdsd_jax.objectives import ObjectiveConfig, get_objective
+from gdsd_jax.objectives import ObjectiveConfig, get_objective, objective_config
 from gdsd_jax.sampling import SamplingConfig
 from gdsd_jax.tasks.base import check_task_arguments
 from gdsd_jax.training.presets import model_preset
@@ -86,8 +87,10 @@ class LoraSection:
     enabled: bool = False
     rank: int = ranged(8, gt=0)
     alpha: float = ranged(16.0, gt=0)
-    dropout: float = ranged(0.0, ge=0, lt=1)     # only 0 is implemented (see validate)
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "dropout": "adapter dropout is not implemented: the adapters are deterministic and the official "
+                   "recipes' 0.05 is not reproduced"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,7 +110,9 @@ class EvalSection:
     initial: bool = True
     max_examples: int | None = ranged(None, gt=0)   # None: the whole split
     batch_size: int = ranged(96, gt=0)
-    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)   # overrides of the train sampling
+    # Partial override of the rollout sampling: only the keys set here differ from the run's ``sampling``
+    # (e.g. ``{temperature: 0.0}`` for greedy evaluation); see TrainConfig.eval_sampling_config.
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,8 +153,8 @@ class DistributedSection:
 class TrainConfig:
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
-    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
-    objective: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sampling: SamplingConfig = SamplingConfig()
+    objective: ObjectiveConfig = objective_config()
     rl: RLSection = RLSection()
     optim: OptimSection = OptimSection()
     lora: LoraSection = LoraSection()
@@ -161,25 +166,15 @@ class TrainConfig:
     output_dir: str = "runs/sudoku_tiny"
     tensorboard: bool = True
 
-    def sampling_config(self, **extra):
-        try:
-            return SamplingConfig(**{**self.sampling, **extra})
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"sampling: {e}") from None
-
-    def eval_sampling_config(self):
-        return self.sampling_config(**self.eval.sampling)
-
-    def objective_config(self):
-        try:
-            return ObjectiveConfig(**self.objective)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"objective: {e}") from None
+    def eval_sampling_config(self) -> SamplingConfig:
+        """The evaluation's sampler: the rollout ``sampling`` with the keys ``eval.sampling`` sets replaced
+        (errors name ``eval.sampling.KEY``)."""
+        return build(SamplingConfig, {**to_dict(self.sampling), **self.eval.sampling}, "eval.sampling")
 
     def advantage_settings(self) -> tuple[str, bool]:
         """``(method, scale_std)`` of the run's advantages: ``rl.advantage`` / ``rl.scale_std`` where set,
         otherwise the objective's own (:class:`gdsd_jax.objectives.registry.Objective`)."""
-        objective = get_objective(self.objective_config().name)
+        objective = get_objective(self.objective.name)
         method = objective.advantage_method if self.rl.advantage is None else self.rl.advantage
         scale_std = objective.advantage_scale_std if self.rl.scale_std is None else self.rl.scale_std
         return method, scale_std
@@ -213,18 +208,14 @@ class TrainConfig:
         for name, weight in rl.reward_weights.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ConfigError(f"rl.reward_weights.{name}={weight!r}: expected a finite number")
-        if self.lora.dropout:
-            raise ConfigError(f"lora.dropout={self.lora.dropout}: adapter dropout is not supported (the adapters "
-                              f"are deterministic; the official recipes' 0.05 is not reproduced); set it to 0")
         if self.lora.enabled:
             if not self.lora.targets or set(self.lora.targets) - set(LORA_TARGETS):
                 raise ConfigError(f"lora.targets={list(self.lora.targets)}: expected a non-empty subset of "
                                   f"{list(LORA_TARGETS)}")
         family = self._model_family()
         self._check_task()
-        for key, scfg in (("sampling", self.sampling_config()), ("eval.sampling", self.eval_sampling_config())):
+        for key, scfg in (("sampling", self.sampling), ("eval.sampling", self.eval_sampling_config())):
             _check_sampler_layout(key, scfg, family)
-        self.objective_config()
         mesh = self._mesh_axes()
         if num_devices is not None:
             self._check_batches(mesh, num_devices, num_processes)
