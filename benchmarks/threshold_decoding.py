@@ -1,0 +1,178 @@
+"""Forwards per completion and test reward of confidence-aware parallel decoding on trained tiny policies.
+
+For each trained run (a ``gdsd-jax train`` output directory) the policy of one saved step is decoded on the
+run's evaluation set (``eval.split``, the project protocol, the run's own prompt format and its greedy
+evaluation settings: ``sampling`` merged with ``eval.sampling``), once with the exact sampler and once per
+(``threshold``, ``cache``) setting. Reported per setting:
+
+* ``test_reward`` / ``accuracy``: the project's evaluation (:func:`gdsd_jax.training.evaluate.evaluate`, the
+  function the trainer's test evaluations call);
+* ``nfe``: mean model forwards per completion (``SampleOutput.nfe``), ``positions``: mean positions run
+  through the layers per completion (``SampleOutput.tokens_processed``: a cached step runs only its window);
+* ``gen_s`` / ``gen_cpu_s``: wall and process CPU time of generating the whole set with the compiled
+  sampler (best of ``--repeats``; compile time excluded, reported apart).
+
+The second pass (the one that reads NFE) must reproduce the evaluation's completions token for token; the
+script checks it, so the forwards belong to the decoding that was scored.
+
+Usage::
+
+    python benchmarks/threshold_decoding.py --runs RUN_SUDOKU RUN_COUNTDOWN --step 200
+    python benchmarks/threshold_decoding.py --runs RUN --step 200 --thresholds 0.9 --caches none dual
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gdsd_jax.allocator import active_allocator, preload_tcmalloc  # noqa: E402
+
+preload_tcmalloc()
+
+import jax  # noqa: E402
+
+from gdsd_jax.checkpoint.policy import run_config  # noqa: E402
+from gdsd_jax.config_io import build, parse_override  # noqa: E402
+from gdsd_jax.loading import load_denoiser  # noqa: E402
+from gdsd_jax.sampling import SamplingConfig, generate_jit  # noqa: E402
+from gdsd_jax.training.config import TrainConfig  # noqa: E402
+from gdsd_jax.training.evaluate import evaluate  # noqa: E402
+from gdsd_jax.training.setup import build_eval_adapter, build_mesh, build_task_and_adapter, eval_examples  # noqa: E402
+
+
+def padded_batches(examples: list[dict], batch_size: int):
+    """``(start, batch, real)`` in the evaluation's layout: fixed-size batches, the last one padded by
+    repeating its last example."""
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        real = len(chunk)
+        yield start, chunk + [chunk[-1]] * (batch_size - real), real
+
+
+def decode_cost(params, model_cfg, adapter, examples, scfg: SamplingConfig, batch_size: int, repeats: int):
+    """Completions, forwards and positions per completion, and the best generation time of the whole set."""
+    key = jax.random.key(0)
+    encoded = [(start, *adapter.encode(chunk), real) for start, chunk, real in padded_batches(examples, batch_size)]
+    t0 = time.perf_counter()
+    compiled = {ids.shape: generate_jit.lower(params, model_cfg, ids, mask, key, scfg).compile()
+                for _, ids, mask, _ in encoded}
+    compile_s = time.perf_counter() - t0
+    walls, cpus = [], []
+    for _ in range(repeats):
+        comps, nfe, positions = [], [], []
+        w0, c0 = time.perf_counter(), time.process_time()
+        for start, ids, mask, real in encoded:
+            out = jax.block_until_ready(compiled[ids.shape](params, ids, mask, jax.random.fold_in(key, start)))
+            comps.append(np.asarray(out.sequences)[:real, ids.shape[1]:])
+            nfe.append(np.asarray(out.nfe)[:real])
+            positions.append(np.asarray(out.tokens_processed)[:real])
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return (np.concatenate(comps), float(np.concatenate(nfe).mean()), float(np.concatenate(positions).mean()),
+            min(walls), min(cpus), compile_s)
+
+
+def settings(base: SamplingConfig, thresholds: list[float], caches: list[str],
+             refresh: int | None = None) -> list[SamplingConfig]:
+    """The exact sampler, then every (threshold, cache) pair other than (None, "none"); cached settings
+    refresh their cache every ``refresh`` steps of a block."""
+    out = [base]
+    for threshold in [None, *thresholds]:
+        for cache in caches:
+            if threshold is None and cache == "none":
+                continue
+            out.append(base.replace(threshold=threshold, cache=cache,
+                                    cache_refresh_every=None if cache == "none" else refresh))
+    return out
+
+
+def run_one(run: str, step: int | None, args) -> list[dict]:
+    cfg = build(TrainConfig, run_config(run))
+    mesh = build_mesh(cfg)
+    model = load_denoiser(run, mesh=mesh, step=step)
+    params, model_cfg = model.params(), model.config
+    task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg)
+    eval_adapter = build_eval_adapter(cfg, task, adapter, model_cfg, tokenizer)
+    examples = eval_examples(task, cfg)
+    batch_size = cfg.eval.batch_size
+    base = cfg.eval_sampling_config()
+    if args.block_length:
+        base = base.replace(block_length=args.block_length)
+    if args.sampling:
+        base = base.replace(**{".".join(path): value for path, value in map(parse_override, args.sampling)})
+    print(f"# {run} step {step}: task {task.name} ({cfg.task.format}), {len(examples)} {cfg.eval.split} examples, "
+          f"gen_length {base.gen_length}, steps {base.steps}, block_length {base.block_length}, "
+          f"temperature {base.temperature}, ban_mask_token {base.ban_mask_token}", flush=True)
+    rows = []
+    for scfg in settings(base, args.thresholds, args.caches, args.cache_refresh_every):
+        w0 = time.perf_counter()
+        res = evaluate(params, model_cfg, eval_adapter, examples, scfg, mesh, batch_size=batch_size)
+        eval_s = time.perf_counter() - w0
+        comps, nfe, positions, gen_s, gen_cpu_s, compile_s = decode_cost(
+            params, model_cfg, eval_adapter, examples, scfg, batch_size, args.repeats)
+        scored = np.asarray([r["completion_ids"] for r in res.records])
+        if not np.array_equal(scored, comps):
+            raise RuntimeError(f"{run}: the timing pass of {scfg} did not reproduce the evaluated completions")
+        row = {"run": Path(run).name, "step": step, "task": task.name, "examples": len(examples),
+               "gen_length": base.gen_length, "steps": base.steps, "block_length": base.block_length,
+               "ban_mask_token": base.ban_mask_token, "threshold": scfg.threshold, "cache": scfg.cache,
+               "cache_refresh_every": scfg.cache_refresh_every,
+               "test_reward": round(res.mean_reward, 4), "accuracy": round(res.accuracy, 4),
+               "nfe": round(nfe, 3), "positions": round(positions, 1),
+               "gen_s": round(gen_s, 3), "gen_cpu_s": round(gen_cpu_s, 3), "compile_s": round(compile_s, 1),
+               "eval_s_incl_compile": round(eval_s, 1), "load_average": os.getloadavg()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    exact = rows[0]
+    for row in rows:
+        row["nfe_ratio"] = round(exact["nfe"] / row["nfe"], 2)
+        row["positions_ratio"] = round(exact["positions"] / row["positions"], 2)
+        row["reward_delta"] = round(row["test_reward"] - exact["test_reward"], 4)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="gdsd-jax train output directories")
+    ap.add_argument("--step", type=int, default=None, help="saved step of every run (default: the latest)")
+    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.7, 0.8, 0.9, 0.95])
+    ap.add_argument("--caches", nargs="+", default=["none", "prefix", "dual"], choices=["none", "prefix", "dual"])
+    ap.add_argument("--cache-refresh-every", type=int, default=None,
+                    help="cached settings recompute the cache every k steps of a block (default: once per block)")
+    ap.add_argument("--block-length", type=int, default=None,
+                    help="decode in blocks of this size instead of the run's own layout (a different sampler)")
+    ap.add_argument("--sampling", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="settings over the run's own, e.g. ban_mask_token=true for runs made when the sampler "
+                         "banned the mask token")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+          f"allocator {active_allocator()}, load average at start {os.getloadavg()}", flush=True)
+    rows = [row for run in args.runs for row in run_one(run, args.step, args)]
+    print("\n| run | threshold | cache | test reward (delta) | accuracy | forwards / completion (exact / this) "
+          "| positions / completion | generation wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['threshold'] if r['threshold'] is not None else 'exact'} | {r['cache']} | "
+              f"{r['test_reward']:.4f} ({r['reward_delta']:+.4f}) | {r['accuracy']:.4f} | {r['nfe']:.2f} "
+              f"({r['nfe_ratio']}x) | {r['positions']:.1f} ({r['positions_ratio']}x) | {r['gen_s']:.2f} | "
+              f"{r['gen_cpu_s']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
