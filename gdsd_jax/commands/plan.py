@@ -58,26 +58,19 @@ def add_arguments(p) -> None:
 
 # ---- device set-up -------------------------------------------------------------------------------
 
-def _backend_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):   # private API moved: assume started (the child path is safe)
-        return True
-
-
 def _prepare_in_process(target: str, devices: int) -> bool:
     """Make this process able to plan; False when a child process with more CPU devices is needed."""
     import jax
 
-    if not _backend_started():
-        # Planning never runs on the local accelerator: pin the CPU backend (and its device count).
-        jax.config.update("jax_platforms", "cpu")
-        if target == "cpu":
-            jax.config.update("jax_num_cpu_devices", devices)
-        return True
+    # Planning never runs on the local accelerator: pin the CPU backend (no effect once backends are up).
+    jax.config.update("jax_platforms", "cpu")
     if target != "cpu":
         return True
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+        return True
+    except RuntimeError:        # the backends are up already: this process has the CPU devices it has
+        pass
     try:
         return len(jax.devices("cpu")) >= devices
     except RuntimeError:
