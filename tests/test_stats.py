@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from gdsd_jax.rl import stats
+from gdsd_jax.experiments import stats
 
 
 def test_seed_stats_against_numpy():
