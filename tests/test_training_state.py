@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gdsd_jax.checkpoint.integrity import state_digests
-from gdsd_jax.checkpoint.train_state import CheckpointIntegrityError, RunCheckpointer, abstract_like
+from gdsd_jax.checkpoint.train_state import CheckpointIntegrityError, RunCheckpointer, abstract_like, written_bytes
 from gdsd_jax.config_io import ConfigError, load_config
 from gdsd_jax.training.config import TrainConfig
 from tests.test_rl_trainer import REPO, _final_trainable, _metrics, _trainer, tiny_cfg
@@ -114,6 +114,35 @@ def test_checkpointer_refuses_to_save_a_nonfinite_state(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to save checkpoint step 1 .*non-finite values in b/w"):
         ck.save(1, {"a": jnp.ones(3), "b": {"w": jnp.array([1.0, jnp.nan])}}, {})
     assert ck.all_steps() == []
+    ck.close()
+
+
+def test_written_bytes_counts_one_copy_of_each_shard():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+    sharded = jax.device_put(jnp.zeros((len(jax.devices()), 4), jnp.float32), NamedSharding(mesh, PartitionSpec("d")))
+    replicated = jax.device_put(jnp.zeros(3, jnp.float32), NamedSharding(mesh, PartitionSpec()))
+    state = {"w": sharded, "r": replicated, "n": np.zeros(5, np.int32)}
+    assert written_bytes(state) == len(jax.devices()) * 4 * 4 + 3 * 4 + 5 * 4
+
+
+def test_a_save_that_cannot_fit_on_the_disk_writes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from gdsd_jax.checkpoint import train_state
+
+    ck = RunCheckpointer(tmp_path / "ck", async_save=False)
+    ck.save(1, _state(1), {"i": 1})
+    need = written_bytes(_state(2))
+    real = shutil.disk_usage
+    monkeypatch.setattr(train_state.shutil, "disk_usage", lambda p: real(p)._replace(free=need - 1))
+    with pytest.raises(OSError, match=r"checkpoint step 2 needs .* MiB free") as info:
+        ck.save(2, _state(2), {"i": 2})
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("2")
+    monkeypatch.setattr(train_state.shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    ck.save(3, _state(3), {"i": 3})
+    assert ck.all_steps() == [1, 3] and not (tmp_path / "ck" / "2").exists()
     ck.close()
 
 

@@ -27,7 +27,9 @@ finished step with a ``commit_success.txt`` file instead of renaming a temporary
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from gdsd_jax.checkpoint.integrity import meta_digest, state_digests
-from gdsd_jax.checkpoint.params_io import storage_path
+from gdsd_jax.checkpoint.params_io import is_remote, storage_path
 from gdsd_jax.distributed.multihost import host_allgather
 
 T = TypeVar("T")
@@ -75,6 +77,18 @@ def _root_cause(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def written_bytes(state: Any) -> int:
+    """Bytes of array data this process writes when it saves ``state``: the first replica of each of its
+    shards (Orbax writes one copy of a replicated array)."""
+    total = 0
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array):
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.replica_id == 0)
+        else:
+            total += np.asarray(leaf).nbytes
+    return total
+
+
 def _on_every_process(ok: bool) -> bool:
     """True when ``ok`` holds on every process (all processes then take the same branch)."""
     return bool(np.all(host_allgather(np.asarray([ok]))))
@@ -110,16 +124,35 @@ class RunCheckpointer:
              force: bool = True) -> None:
         """Save ``state`` and ``meta`` (JSON) as ``step``, with the digests that :meth:`restore` checks.
 
-        Raises ValueError, and writes nothing, if ``state`` holds a NaN or inf.
+        Raises ValueError, and writes nothing, if ``state`` holds a NaN or inf; OSError (ENOSPC), and writes
+        nothing, if a local disk has less free space than the arrays take.
         """
         digests, nonfinite = state_digests(state)
         if nonfinite:
             raise ValueError(f"refusing to save checkpoint step {step} in {self.directory}: non-finite values in "
                              f"{', '.join(nonfinite)}")
+        self._check_free_space(step, state)
         meta = dict(meta, integrity={"state": digests, "meta": meta_digest(meta)})
         metrics = {"eval_reward": eval_reward} if eval_reward is not None else None
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        """Raise ``OSError(ENOSPC)``, before anything is written, when a local disk has less free space than
+        the step's arrays take uncompressed. A save that fills the disk half-way fails inside Orbax's
+        background writers, each of which prints a traceback of its own; the checkpoints already written stay
+        intact either way. Remote storage is not checked."""
+        if is_remote(self.directory):
+            return
+        need = written_bytes(state)
+        existing = os.fspath(self.directory)
+        while not os.path.exists(existing):        # the directory itself may not be created yet
+            existing = os.path.dirname(existing)
+        free = shutil.disk_usage(existing).free
+        if not _on_every_process(free >= need):
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (checkpoint step {step} needs "
+                          f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)",
+                          os.fspath(self.directory / str(step)))
 
     def _read(self, step: int, items: dict) -> dict:
         """Orbax restore of ``items``; any failure to read them is a :class:`CheckpointIntegrityError`."""
