@@ -100,7 +100,6 @@ def is_remote(path) -> bool:
     return "://" in os.fspath(path)
 
 
-_is_remote = is_remote
 
 
 def _module_available(name: str) -> bool:
@@ -237,7 +236,7 @@ class ParamsWriter:
                  overwrite: bool = False, source: Mapping | None = None):
         self.cfg = cfg
         self.source = dict(source) if source is not None else None
-        self.remote = _is_remote(path)
+        self.remote = is_remote(path)
         self.final = storage_path(path) if self.remote else Path(path).absolute()
         if self.final.exists() and not overwrite:
             raise FileExistsError(f"{self.final} already exists; choose another output or allow overwriting")
