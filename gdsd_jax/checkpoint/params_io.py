@@ -100,8 +100,6 @@ def is_remote(path) -> bool:
     return "://" in os.fspath(path)
 
 
-
-
 def _module_available(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
