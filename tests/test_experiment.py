@@ -193,7 +193,6 @@ def test_aggregate_curves_and_seed_stats_against_numpy():
     assert k == 3 and mean == pytest.approx(0.5) and std == pytest.approx(0.3)
 
 
-
 def test_selection_runs_evaluate_on_validation_and_the_reported_runs_on_test(tmp_path):
     """Hyper-parameters are chosen on the validation split; the chosen points are reported on the test split;
     no run repeats the shared warm start's step-0 evaluation."""

@@ -496,7 +496,6 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path):
     assert _metrics(straight / "metrics.jsonl") == _metrics(killed / "metrics.jsonl")
 
 
-
 def test_without_the_initial_evaluation_no_step_0_record_even_after_a_resume(tmp_path, capsys):
     """``eval.initial=false`` (experiments measure their shared warm start once): the run evaluates only at
     the end, on the split it names, and a resumed run does not add the step-0 evaluation either."""

@@ -61,7 +61,6 @@ def test_train_set_solvable_disjoint_and_deterministic():
     assert C.make_train_set(n=3000, exclude=test)[:20] == train[:20]
 
 
-
 def test_validation_set_is_disjoint_from_test_and_train(tmp_path):
     # The full 20,000: excluding only the test pairs, 9 of them would be validation pairs.
     task = get_task("countdown")

@@ -110,7 +110,6 @@ def test_regenerate_command_reproduces_shipped_file_byte_for_byte(tmp_path):
     assert check.returncode == 0
 
 
-
 def test_validation_set_is_disjoint_from_test_and_held_out_train(tmp_path):
     """The shipped validation puzzles: unique solutions, 6 per validation grid, no grid shared with the test
     set, and (with hold_out_validation) no solution grid in the train pool."""

@@ -11,23 +11,8 @@ import numpy as np
 from etils import epath
 
 from gdsd_jax.checkpoint.params_io import storage_path
+from gdsd_jax.experiments.report import series, smooth
 from gdsd_jax.training.metrics import read_metrics
-
-
-def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    if not pts:
-        return np.zeros(0), np.zeros(0)
-    s, v = zip(*pts)
-    return np.asarray(s), np.asarray(v, dtype=float)
-
-
-def _smooth(v: np.ndarray, w: int = 10) -> np.ndarray:
-    if len(v) < w:
-        return v
-    c = np.cumsum(np.insert(v, 0, 0.0))
-    out = (c[w:] - c[:-w]) / w
-    return np.concatenate([v[: w - 1], out])
 
 
 def _save(fig, path: epath.Path) -> None:
@@ -49,11 +34,11 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    s, v = _series(records, "reward_mean")
+    s, v = series(records, "reward_mean")
     if len(s):
         ax.plot(s, v, alpha=0.3, color="C0")
-        ax.plot(s, _smooth(v), color="C0", label="rollout reward (T=1, smoothed)")
-    s, v = _series(records, "test_reward")
+        ax.plot(s, smooth(v, 10), color="C0", label="rollout reward (T=1, smoothed)")
+    s, v = series(records, "test_reward")
     if len(s):
         ax.plot(s, v, "o-", color="C1", label="greedy test reward")
     ax.set_xlabel("RL step")
@@ -67,7 +52,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for key in ("kl", "mean_abs_delta", "inside_clip_frac", "grad_norm"):
-        s, v = _series(records, key)
+        s, v = series(records, key)
         if len(s):
             axes[0].plot(s, v, label=key)
     axes[0].set_xlabel("RL step")
@@ -75,7 +60,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     axes[0].legend()
     axes[0].grid(alpha=0.3)
     keys = ("time_generation", "time_reward", "time_scoring", "time_update")
-    parts = [np.mean(_series(records, k)[1]) if len(_series(records, k)[1]) else 0.0 for k in keys]
+    parts = [np.mean(series(records, k)[1]) if len(series(records, k)[1]) else 0.0 for k in keys]
     axes[1].bar([k.replace("time_", "") for k in keys], parts, color=["C0", "C1", "C2", "C3"])
     axes[1].set_ylabel("seconds per step (mean)")
     fig.tight_layout()

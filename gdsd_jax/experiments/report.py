@@ -39,7 +39,6 @@ TAIL = 10  # steps averaged for "final rollout reward" and the selection tie-bre
 REFERENCE_METHOD = "gdsd"        # the paired differences are this method minus each other one
 
 
-
 def read_records(run_dir: str | Path) -> list[dict]:
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
@@ -47,10 +46,8 @@ def read_records(run_dir: str | Path) -> list[dict]:
     return parse_records(p.read_text(), p)
 
 
-
 def is_finished(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "done.json").is_file()
-
 
 
 def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +60,6 @@ def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(s), np.asarray(v)
 
 
-
 def final_test_reward(records: Sequence[dict], total_steps: int) -> float | None:
     """The greedy test reward logged at ``total_steps`` (the final evaluation), or None."""
     s, v = series(records, "test_reward")
@@ -71,12 +67,10 @@ def final_test_reward(records: Sequence[dict], total_steps: int) -> float | None
     return float(hit[-1]) if len(hit) else None
 
 
-
 def tail_reward(records: Sequence[dict], n: int = TAIL) -> float | None:
     """Mean rollout reward over the last ``n`` RL steps."""
     _, v = series(records, "reward_mean")
     return float(np.mean(v[-n:])) if len(v) else None
-
 
 
 def select_point(candidates: Sequence[tuple[dict, list[dict], int]]) -> tuple[dict, list[dict]] | None:
@@ -103,7 +97,6 @@ def select_point(candidates: Sequence[tuple[dict, list[dict], int]]) -> tuple[di
     return dict(candidates[best][0]), table
 
 
-
 def aggregate_curves(runs_records: Sequence[Sequence[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and sample std over seeds of ``key`` at the steps every seed logged: (steps [S], mean [S], std [S])."""
     per = [dict(zip(*series(r, key))) for r in runs_records]
@@ -114,7 +107,6 @@ def aggregate_curves(runs_records: Sequence[Sequence[dict]], key: str) -> tuple[
     vals = np.asarray([[p[s] for s in common] for p in per], dtype=np.float64)   # [seeds, S]
     std = vals.std(axis=0, ddof=1) if len(per) > 1 else np.zeros(len(common))
     return np.asarray(common), vals.mean(axis=0), std
-
 
 
 def smooth(v: np.ndarray, w: int) -> np.ndarray:
@@ -128,18 +120,15 @@ def smooth(v: np.ndarray, w: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-
 def warm_start_reward(out: Path, task: str, split: str = REPORT_SPLIT) -> float | None:
     """The shared warm start's greedy reward on ``split`` (None before it was measured)."""
     p = warm_start_eval_path(out, task)
     return float(json.loads(p.read_text())[split]["reward"]) if p.is_file() else None
 
 
-
 def _done(d: Path) -> dict | None:
     p = d / "done.json"
     return json.loads(p.read_text()) if p.is_file() else None
-
 
 
 def _pm(mean: float, std: float, n: int, digits: int = 3) -> str:
@@ -148,13 +137,11 @@ def _pm(mean: float, std: float, n: int, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" (n={n})" if n else "")
 
 
-
 def with_initial(records: Sequence[dict], initial: float | None) -> list[dict]:
     """``records`` plus the shared warm start's reward as the step-0 evaluation (runs skip their own)."""
     if initial is None or any(r.get("step") == 0 and "test_reward" in r for r in records):
         return list(records)
     return [{"step": 0, "test_reward": initial}, *records]
-
 
 
 def _group_stats(specs: Sequence[RunSpec], out: Path, initial: float | None = None) -> dict:
@@ -178,7 +165,6 @@ def _group_stats(specs: Sequence[RunSpec], out: Path, initial: float | None = No
             "wall": seed_stats(walls), "wall_total": float(sum(walls)), "peak_rollout": seed_stats(peak_roll),
             "test_curve": (ts, tm, tsd), "rollout_curve": (rs, rm, rsd),
             "mean_curve_peak_drop": float(tm.max() - tm[-1]) if len(tm) else math.nan}
-
 
 
 def plot_groups(groups: dict[str, dict], path: Path, title: str, extra_key: str | None = None) -> Path:
@@ -227,7 +213,6 @@ def plot_groups(groups: dict[str, dict], path: Path, title: str, extra_key: str 
     return path
 
 
-
 def _claims(exp: Experiment, stats: dict, tasks: Sequence[str]) -> list[str]:
     """Plain statements of the paper's claims (the GDSD paper, §5.2) against the measured numbers."""
     tol = float(exp.claims.get("tolerance", 0.03))
@@ -271,7 +256,6 @@ def _claims(exp: Experiment, stats: dict, tasks: Sequence[str]) -> list[str]:
     return lines
 
 
-
 def paired_difference(ref_by_seed: dict, other_by_seed: dict) -> tuple[float, float, float, int] | None:
     """(mean of ref - other, bootstrap lower, upper, n) over the seeds both finished (None if there are none)."""
     seeds = sorted(k for k in ref_by_seed if ref_by_seed[k] is not None and other_by_seed.get(k) is not None)
@@ -281,15 +265,12 @@ def paired_difference(ref_by_seed: dict, other_by_seed: dict) -> tuple[float, fl
     return mean, lo, hi, len(seeds)
 
 
-
 def _ci(lo: float, hi: float) -> str:
     return "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:.3f}, {hi:.3f}]"
 
 
-
 def _diff(d: tuple[float, float, float, int] | None) -> str:
     return "–" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] (n={d[3]})"
-
 
 
 def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, only=None,

@@ -84,7 +84,6 @@ def write_run_config(spec: RunSpec, out: Path) -> Path:
     return path
 
 
-
 def _finish(spec: RunSpec, out: Path, wall: float, keep_checkpoints: bool) -> None:
     d = spec.run_dir(out)
     records = read_records(d)
@@ -98,11 +97,9 @@ def _finish(spec: RunSpec, out: Path, wall: float, keep_checkpoints: bool) -> No
     (d / "done.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-
 def run_inprocess(config_path: Path, progress: bool) -> None:
     cfg = load_config(TrainConfig, config_path)
     run_train(cfg, resume=True, progress=progress)
-
 
 
 def run_subprocess(config_path: Path, env: dict | None = None) -> None:
@@ -114,7 +111,6 @@ def run_subprocess(config_path: Path, env: dict | None = None) -> None:
                               env={**os.environ, **(env or {})})
     if proc.returncode:
         raise RuntimeError(f"run {config_path.parent} failed with exit code {proc.returncode}; see {log}")
-
 
 
 def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: bool = True,
@@ -163,7 +159,6 @@ def execute(specs: Sequence[RunSpec], out: Path, *, jobs: int = 1, progress: boo
     return errors
 
 
-
 def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=print,
                         progress: bool = True) -> dict[str, Path]:
     """One initial checkpoint per task: the task config's model at ``warm_start_seed`` (+ its SFT warm start,
@@ -200,7 +195,6 @@ def prepare_warm_starts(exp: Experiment, out: Path, tasks: Sequence[str], say=pr
     return paths
 
 
-
 def estimate_seconds(exp: Experiment, spec: RunSpec) -> float:
     """Per-run estimate from the experiment's ``estimate`` section (measured on one machine):
     ``overhead_s + total_steps * step_s[task][method] * (1 + extra_iteration_share * (mu - 1)) +
@@ -221,7 +215,6 @@ def estimate_seconds(exp: Experiment, spec: RunSpec) -> float:
     return float(e.get("overhead_s", 20.0)) + spec.total_steps * per_step + n_evals * eval_s
 
 
-
 def choose(exp: Experiment, out: Path, specs: Sequence[RunSpec]) -> tuple[dict, dict]:
     """(chosen point per (task, method), selection table per (task, method)) from finished selection runs."""
     chosen, tables = {}, {}
@@ -238,7 +231,6 @@ def choose(exp: Experiment, out: Path, specs: Sequence[RunSpec]) -> tuple[dict, 
     return chosen, tables
 
 
-
 def _selection_filter(exp: Experiment, only: Sequence[str] | None) -> list[str] | None:
     """``--only`` for the selection phase: a selected study also needs its method's selection runs."""
     if not only:
@@ -248,7 +240,6 @@ def _selection_filter(exp: Experiment, only: Sequence[str] | None) -> list[str] 
     return [*only, *extra]
 
 
-
 def slowest_points(exp: Experiment) -> dict:
     """Each (task, method)'s grid point whose main-budget run the estimate makes longest: the dry run plans
     the later phases there (the selection has not chosen yet), so its total is an upper bound."""
@@ -256,7 +247,6 @@ def slowest_points(exp: Experiment) -> dict:
         exp, t, m, pt, exp.seeds[0], total_steps=int(exp.budget["total_steps"]),
         eval_every=int(exp.budget["eval_every"]), phase="main")))
         for t in exp.tasks for m in exp.methods}
-
 
 
 def say_plan(exp: Experiment, out: Path, tasks: Sequence[str], sel: Sequence[RunSpec], only, say, source: str) -> float:
@@ -279,7 +269,6 @@ def say_plan(exp: Experiment, out: Path, tasks: Sequence[str], sel: Sequence[Run
         f"jobs=1; the main and study runs at each method's slowest grid point, an upper bound; from the "
         f"'estimate' section of {source}, measured on one machine)")
     return total
-
 
 
 def run_experiment(path: str | Path, *, only: Sequence[str] | None = None, jobs: int = 1, dry_run: bool = False,

@@ -33,13 +33,11 @@ SELECTION_SPLIT = "validation"   # hyper-parameters are chosen here ...
 REPORT_SPLIT = "test"            # ... and the chosen points reported here, never both on one split
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     name: str
     config: str                       # base run config (YAML)
     overrides: tuple[str, ...] = ()
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +49,12 @@ class MethodSpec:
     task_overrides: dict = dataclasses.field(default_factory=dict)  # task -> tuple of overrides
 
 
-
 @dataclasses.dataclass(frozen=True)
 class StudySpec:
     name: str
     method: str
     variants: dict                    # variant -> {"objective": {...}, "overrides": (...)}
     seeds: tuple[int, ...]
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +78,10 @@ class Experiment:
         return int(self.budget["prompts_per_step"]) * int(self.budget["num_generations"])
 
 
-
 def _req(d: dict, key: str, where: str):
     if key not in d:
         raise ConfigError(f"{where}: missing key {key!r}")
     return d[key]
-
 
 
 def _overrides(value, where: str) -> tuple[str, ...]:
@@ -102,12 +96,10 @@ def _overrides(value, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-
 def _check_keys(d: dict, allowed: set, where: str) -> None:
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(allowed)}")
-
 
 
 def _int_list(value, where: str) -> tuple[int, ...]:
@@ -115,7 +107,6 @@ def _int_list(value, where: str) -> tuple[int, ...]:
                                                                       for v in value):
         raise ConfigError(f"{where}: expected a non-empty list of integers, got {value!r}")
     return tuple(value)
-
 
 
 def parse_experiment(data: dict, source: str = "") -> Experiment:
@@ -192,11 +183,9 @@ def parse_experiment(data: dict, source: str = "") -> Experiment:
         estimate=dict(data.get("estimate") or {}), claims=dict(data.get("claims") or {}), source=source)
 
 
-
 def load_experiment(path: str | Path) -> Experiment:
     """Read an experiment file (a path, or that of one shipped with the package: see ``resolve_config_path``)."""
     return parse_experiment(read_yaml(resolve_config_path(path)), str(path))
-
 
 
 def grid_points(grid: dict) -> list[dict]:
@@ -207,18 +196,15 @@ def grid_points(grid: dict) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
 
-
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
 
 
-
 def point_tag(point: dict) -> str:
     """``{"optim.lr": 1e-4, "objective.psi": 1.0}`` -> ``"lr=0.0001,psi=1"``."""
     return ",".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in point.items()) or "default"
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,10 +245,8 @@ class RunSpec:
         return Path(out) / "runs" / self.task / name / tag.replace("/", "_")
 
 
-
 def _objective_override(obj: dict) -> str:
     return "objective=" + json.dumps(obj, sort_keys=True)
-
 
 
 def _point_overrides(point: dict) -> list[str]:
@@ -270,7 +254,6 @@ def _point_overrides(point: dict) -> list[str]:
     for k, v in point.items():
         out.append(f"{k}={json.dumps(v) if not isinstance(v, str) else v}")
     return out
-
 
 
 def make_run(exp: Experiment, task: str, method: str, point: dict, seed: int, *, total_steps: int,
@@ -307,7 +290,6 @@ def make_run(exp: Experiment, task: str, method: str, point: dict, seed: int, *,
                    t.config, tuple(ov))
 
 
-
 def matches(group: str, only: Sequence[str] | None) -> bool:
     """Whether the run group ``TASK/METHOD[:VARIANT]`` is selected by the ``--only`` patterns (``TASK`` alone
     means ``TASK/*``; no patterns select everything)."""
@@ -319,7 +301,6 @@ def matches(group: str, only: Sequence[str] | None) -> bool:
         if fnmatch.fnmatch(base, pat) or fnmatch.fnmatch(group, pat):
             return True
     return False
-
 
 
 def selection_runs(exp: Experiment, warm_starts: dict | None = None, only=None) -> list[RunSpec]:
@@ -337,7 +318,6 @@ def selection_runs(exp: Experiment, warm_starts: dict | None = None, only=None) 
     return runs
 
 
-
 def main_runs(exp: Experiment, chosen: dict, warm_starts: dict | None = None, only=None) -> list[RunSpec]:
     """Every (task, method) at its chosen point (``chosen[(task, method)]``), for every seed."""
     runs = []
@@ -351,7 +331,6 @@ def main_runs(exp: Experiment, chosen: dict, warm_starts: dict | None = None, on
                                      eval_every=int(exp.budget["eval_every"]), phase="main",
                                      warm_start=(warm_starts or {}).get(task)))
     return runs
-
 
 
 def study_runs(exp: Experiment, chosen: dict, warm_starts: dict | None = None, only=None) -> list[RunSpec]:
@@ -369,7 +348,6 @@ def study_runs(exp: Experiment, chosen: dict, warm_starts: dict | None = None, o
     return runs
 
 
-
 def dedupe(runs: Sequence[RunSpec], out: Path) -> list[RunSpec]:
     """One spec per run directory (phases merged), in first-seen order."""
     seen: dict[Path, RunSpec] = {}
@@ -380,7 +358,6 @@ def dedupe(runs: Sequence[RunSpec], out: Path) -> list[RunSpec]:
         else:
             seen[d] = r
     return list(seen.values())
-
 
 
 def warm_start_eval_path(out: Path, task: str) -> Path:
