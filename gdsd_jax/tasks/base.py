@@ -158,28 +158,17 @@ def check_protocol(setting: str, protocol: str, offered: Sequence[str]) -> str:
 
 
 class LocalFileTask(Task):
-    """A math word-problem task whose data are user-supplied local files (JSONL or Parquet), one per split,
-    loaded once, with the official prompts: per ``variant``, the XML format block or the boxed-answer
-    instruction for training, the math evaluation prompt for the test split.
+    """A task whose data are user-supplied local files (JSONL or Parquet), one per split, loaded once.
 
-    Subclasses set ``name``, ``display_name``, ``columns`` (for the error message), ``variants``
-    (variant -> the official reward recipe's name), ``question_field`` (the example's question),
-    ``xml_prefix`` (what the XML training prompt puts before the question) and implement ``load(path)``.
+    Subclasses set ``name``, ``display_name`` and ``columns`` (for the error message when a file is missing)
+    and implement ``load(path)``.
     """
 
     display_name: str = ""
     columns: str = ""
-    variants: dict[str, str] = {}
-    question_field: str = "question"
-    xml_prefix: str = XML_FORMAT + "\n\n"
-    eval_prefill = "<reasoning>"
 
-    def __init__(self, *, train_file=None, test_file=None, variant: str = "xml"):
-        if variant not in self.variants:
-            expected = " or ".join(f"{v!r} ({r})" for v, r in self.variants.items())
-            raise ValueError(f"{type(self).__name__} variant must be {expected}, got {variant!r}")
+    def __init__(self, *, train_file=None, test_file=None):
         self.files = {"train": train_file, "test": test_file}
-        self.variant = variant
         self._cache: dict[str, list[dict]] = {}
 
     def load(self, path) -> list[dict]:
@@ -194,6 +183,29 @@ class LocalFileTask(Task):
         if split not in self._cache:
             self._cache[split] = self.load(self.files[split])
         return self._cache[split]
+
+
+class MathWordTask(LocalFileTask):
+    """A math word-problem task from local files (GSM8K, MATH) with the official prompts: per ``variant``,
+    the XML format block or the boxed-answer instruction for training, the math evaluation prompt for the
+    test split.
+
+    Subclasses set, besides :class:`LocalFileTask`'s, ``variants`` (variant -> the official reward recipe's
+    name), ``question_field`` (the example's question) and ``xml_prefix`` (what the XML training prompt puts
+    before the question).
+    """
+
+    variants: dict[str, str] = {}
+    question_field: str = "question"
+    xml_prefix: str = XML_FORMAT + "\n\n"
+    eval_prefill = "<reasoning>"
+
+    def __init__(self, *, train_file=None, test_file=None, variant: str = "xml"):
+        if variant not in self.variants:
+            expected = " or ".join(f"{v!r} ({r})" for v, r in self.variants.items())
+            raise ValueError(f"{type(self).__name__} variant must be {expected}, got {variant!r}")
+        super().__init__(train_file=train_file, test_file=test_file)
+        self.variant = variant
 
     def prompt_messages(self, example: dict, *, split: str = "train") -> list[dict]:
         question = example[self.question_field]

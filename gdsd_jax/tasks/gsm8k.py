@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from gdsd_jax.tasks.base import LocalFileTask, WeightedReward, per_completion
+from gdsd_jax.tasks.base import MathWordTask, WeightedReward, per_completion
 from gdsd_jax.tasks.files import DataError, is_nonempty_str, load_rows
 from gdsd_jax.tasks.text import boxed_contents, first_answer_text, hash_answer, xml_answer
 
@@ -150,7 +150,7 @@ def eval_accuracy(text: str, example: dict) -> float:
     return float(eval_correct(text, example["answer"]))
 
 
-class GSM8KTask(LocalFileTask):
+class GSM8KTask(MathWordTask):
     """GSM8K from local files (see module docstring). ``train_file`` / ``test_file``: JSONL or Parquet."""
 
     name = "gsm8k"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 
-from gdsd_jax.tasks.base import LocalFileTask, WeightedReward, per_completion
+from gdsd_jax.tasks.base import MathWordTask, WeightedReward, per_completion
 from gdsd_jax.tasks.files import DataError, is_nonempty_str, is_str, load_rows
 from gdsd_jax.tasks.text import XML_FORMAT, first_answer_text, is_equiv, last_boxed, remove_boxed
 
@@ -94,7 +94,7 @@ def eval_accuracy(text: str, example: dict) -> float:
     return float(is_equiv(remove_boxed(last_boxed(answer_text)), example["answer"]))
 
 
-class MathTask(LocalFileTask):
+class MathTask(MathWordTask):
     """MATH from local files (see module docstring). ``train_file`` / ``test_file``: JSONL or Parquet."""
 
     name = "math"
