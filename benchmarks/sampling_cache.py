@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,12 +33,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gdsd_jax.allocator import active_allocator, preload_tcmalloc  # noqa: E402
+from gdsd_jax.allocator import preload_tcmalloc  # noqa: E402
 
 preload_tcmalloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from report import machine_line, print_table, save_rows  # noqa: E402
 from sampling_reference import random_params  # noqa: E402
 from sampling_throughput import mid_config  # noqa: E402
 
@@ -88,6 +88,15 @@ def run_case(family: str, steps: int, temperature: float, args, params, ids, mas
     return row
 
 
+def table_cells(r: dict) -> list:
+    same = (f"{r['prefix'].get('same_as_exact', '-')} / {r['dual'].get('same_as_exact', '-')}"
+            if r["temperature"] == 0 else "-")
+    return [r["sampler"], r["steps"], f"{r['temperature']:g}", r["none"]["tokens_per_s"],
+            f"{r['prefix']['tokens_per_s']} ({r['prefix']['speedup']}x)",
+            f"{r['dual']['tokens_per_s']} ({r['dual']['speedup']}x)",
+            f"{r['prefix']['cpu_speedup']}x / {r['dual']['cpu_speedup']}x", same]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samplers", nargs="+", default=["llada", "dream"], choices=["llada", "dream"])
@@ -103,8 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=str, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-          f"allocator {active_allocator()}, load average at start {os.getloadavg()}", flush=True)
+    print(machine_line(), flush=True)
     rows = []
     for family in args.samplers:
         cfg = mid_config(family)
@@ -120,17 +128,9 @@ def main(argv=None) -> int:
                 row["load_average"] = os.getloadavg()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| sampler | steps | T | exact tok/s | prefix tok/s (x) | dual tok/s (x) | CPU-time ratio prefix / dual "
-          "| prefix / dual same tokens at T=0 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        same = (f"{r['prefix'].get('same_as_exact', '-')} / {r['dual'].get('same_as_exact', '-')}"
-                if r["temperature"] == 0 else "-")
-        print(f"| {r['sampler']} | {r['steps']} | {r['temperature']:g} | {r['none']['tokens_per_s']} | "
-              f"{r['prefix']['tokens_per_s']} ({r['prefix']['speedup']}x) | {r['dual']['tokens_per_s']} "
-              f"({r['dual']['speedup']}x) | {r['prefix']['cpu_speedup']}x / {r['dual']['cpu_speedup']}x | {same} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print_table(["sampler", "steps", "T", "exact tok/s", "prefix tok/s (x)", "dual tok/s (x)",
+                 "CPU-time ratio prefix / dual", "prefix / dual same tokens at T=0"], [table_cells(r) for r in rows])
+    save_rows(args.json, rows)
     return 0
 
 

@@ -66,6 +66,18 @@ def settings(name: str, family: str) -> tuple[DenoiserConfig, SamplingConfig, in
     return cfg, scfg, 32
 
 
+def best_time(run, repeats: int) -> tuple[float, object]:
+    """The shortest wall time of ``repeats`` calls of ``run`` after one untimed call (compilation, caches),
+    and the last call's result."""
+    out = run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
 def bench_one(name: str, family: str, batch: int, repeats: int) -> dict:
     cfg, scfg, lp = settings(name, family)
     params = jax.device_put(random_params(cfg, seed=0, std=0.05 if name == "mid" else 0.3))
@@ -81,13 +93,7 @@ def bench_one(name: str, family: str, batch: int, repeats: int) -> dict:
     compiled = generate_jit.lower(params, cfg, jnp.asarray(ids), jnp.asarray(mask), key, scfg).compile()
     compile_s = time.perf_counter() - t0
     run = lambda: jax.block_until_ready(compiled(params, jnp.asarray(ids), jnp.asarray(mask), key))  # noqa: E731
-    out = run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    ours_s = min(times)
+    ours_s, out = best_time(run, repeats)
 
     # -- per-step loop (jitted forward per step, NumPy for the rest)
     fn = jax_logits_fn(params, cfg)
@@ -104,13 +110,7 @@ def bench_one(name: str, family: str, batch: int, repeats: int) -> dict:
         return dream_reference(fn, ids, mask, mask_id=cfg.mask_token_id, gen_length=scfg.gen_length,
                                steps=scfg.steps, alg=scfg.alg)
 
-    ref = loop()
-    ltimes = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ref = loop()
-        ltimes.append(time.perf_counter() - t0)
-    loop_s = min(ltimes)
+    loop_s, ref = best_time(loop, repeats)
     same = bool(np.array_equal(np.asarray(out.sequences), ref))
     return {
         "config": name, "sampler": family, "batch": batch, "prompt_length": lp, "gen_length": scfg.gen_length,

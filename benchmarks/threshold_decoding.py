@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,12 +34,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gdsd_jax.allocator import active_allocator, preload_tcmalloc  # noqa: E402
+from gdsd_jax.allocator import preload_tcmalloc  # noqa: E402
 
 preload_tcmalloc()
 
 import jax  # noqa: E402
+from report import machine_line, print_table, save_rows  # noqa: E402
 
 from gdsd_jax.checkpoint.policy import run_config  # noqa: E402
 from gdsd_jax.config_io import build, parse_override  # noqa: E402
@@ -142,6 +143,13 @@ def run_one(run: str, step: int | None, args) -> list[dict]:
     return rows
 
 
+def table_cells(r: dict) -> list:
+    return [r["run"], r["threshold"] if r["threshold"] is not None else "exact", r["cache"],
+            f"{r['test_reward']:.4f} ({r['reward_delta']:+.4f})", f"{r['accuracy']:.4f}",
+            f"{r['nfe']:.2f} ({r['nfe_ratio']}x)", f"{r['positions']:.1f} ({r['positions_ratio']}x)",
+            f"{r['gen_s']:.2f}", f"{r['gen_cpu_s']:.2f}"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True, help="gdsd-jax train output directories")
@@ -158,19 +166,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-          f"allocator {active_allocator()}, load average at start {os.getloadavg()}", flush=True)
+    print(machine_line(), flush=True)
     rows = [row for run in args.runs for row in run_one(run, args.step, args)]
-    print("\n| run | threshold | cache | test reward (delta) | accuracy | forwards / completion (exact / this) "
-          "| positions / completion | generation wall s | CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['threshold'] if r['threshold'] is not None else 'exact'} | {r['cache']} | "
-              f"{r['test_reward']:.4f} ({r['reward_delta']:+.4f}) | {r['accuracy']:.4f} | {r['nfe']:.2f} "
-              f"({r['nfe_ratio']}x) | {r['positions']:.1f} ({r['positions_ratio']}x) | {r['gen_s']:.2f} | "
-              f"{r['gen_cpu_s']:.2f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print_table(["run", "threshold", "cache", "test reward (delta)", "accuracy",
+                 "forwards / completion (exact / this)", "positions / completion", "generation wall s", "CPU s"],
+                [table_cells(r) for r in rows])
+    save_rows(args.json, rows)
     return 0
 
 

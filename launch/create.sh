@@ -21,19 +21,13 @@ EOF
 }
 
 wait_active=0
-while (($#)); do
+create_option() {
   case $1 in
     --wait) wait_active=1 ;;
-    *)
-      if gdsd_common_option "$@"; then
-        shift "$GDSD_SHIFT"
-        continue
-      fi
-      gdsd_die "unknown argument '$1' (see --help)"
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+gdsd_parse_args create_option "$@"
 
 gdsd_load_env
 gdsd_require PROJECT_ID ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION

@@ -21,20 +21,14 @@ EOF
 }
 
 flags=()
-while (($#)); do
+delete_option() {
   case $1 in
     --yes) flags+=(--quiet) ;;
     --async) flags+=(--async) ;;
-    *)
-      if gdsd_common_option "$@"; then
-        shift "$GDSD_SHIFT"
-        continue
-      fi
-      gdsd_die "unknown argument '$1' (see --help)"
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+gdsd_parse_args delete_option "$@"
 
 gdsd_load_env
 gdsd_require PROJECT_ID ZONE TPU_NAME

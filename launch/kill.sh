@@ -24,33 +24,23 @@ EOF
 grace=300
 now=0
 worker=all
-while (($#)); do
+kill_option() {
   case $1 in
-    --grace)
-      [[ $# -ge 2 ]] || gdsd_die "--grace needs a number of seconds"
-      grace=$2
-      shift
+    --grace | --grace=*)
+      gdsd_option_value "a number of seconds" "$@"
+      grace=$GDSD_VALUE
       ;;
-    --grace=*) grace=${1#--grace=} ;;
     --now) now=1 ;;
-    --worker)
-      [[ $# -ge 2 ]] || gdsd_die "--worker needs a value: a worker index (0, 1, ...) or all"
-      worker=$2
-      shift
+    --worker | --worker=*)
+      gdsd_option_value "a value: a worker index (0, 1, ...) or all" "$@"
+      worker=$GDSD_VALUE
       ;;
-    --worker=*) worker=${1#--worker=} ;;
-    *)
-      if gdsd_common_option "$@"; then
-        shift "$GDSD_SHIFT"
-        continue
-      fi
-      gdsd_die "unknown argument '$1' (see --help)"
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+gdsd_parse_args kill_option "$@"
 [[ $grace =~ ^[0-9]+$ ]] || gdsd_die "--grace must be a number of seconds (got '$grace')"
-[[ $worker == all || $worker =~ ^[0-9]+$ ]] || gdsd_die "--worker must be a worker index (0, 1, ...) or all (got '$worker')"
+gdsd_check_worker "$worker"
 
 gdsd_load_env
 gdsd_require PROJECT_ID ZONE TPU_NAME

@@ -76,20 +76,47 @@ gdsd_dry_note() {
   fi
 }
 
-# Options every script accepts. Sets GDSD_SHIFT to the number of words consumed and returns 0 when $1 is
-# one of them; returns 1 otherwise. `--help` calls the script's own `usage` function.
-# shellcheck disable=SC2034  # GDSD_SHIFT is read by the scripts that source this file
+# gdsd_parse_args HANDLER ARGS...: read a script's command line. Each argument goes first to HANDLER (called
+# with the remaining arguments: it returns 0 when $1 is one of the script's own options, after setting
+# GDSD_SHIFT when it took more than that word), then to the options every script accepts; anything else is
+# an error (GDSD_ARGS_HINT, when set, is added to its message).
+gdsd_parse_args() {
+  local handler=$1
+  shift
+  while (($#)); do
+    GDSD_SHIFT=1
+    if "$handler" "$@" || gdsd_common_option "$@"; then
+      shift "$GDSD_SHIFT"
+    else
+      gdsd_die "unknown argument '$1' (see --help${GDSD_ARGS_HINT:+; $GDSD_ARGS_HINT})"
+    fi
+  done
+}
+
+# gdsd_option_value WHAT ARGS...: the value of the option $1, given as `--name VALUE` or `--name=VALUE`, in
+# GDSD_VALUE, and the words it took in GDSD_SHIFT; `--name` without a value is an error saying it needs WHAT.
+gdsd_option_value() {
+  local what=$1
+  shift
+  if [[ $1 == *=* ]]; then
+    GDSD_VALUE=${1#*=}
+    GDSD_SHIFT=1
+  else
+    [[ $# -ge 2 ]] || gdsd_die "$1 needs $what"
+    GDSD_VALUE=$2
+    GDSD_SHIFT=2
+  fi
+}
+
+# Options every script accepts: returns 0 when $1 is one of them (GDSD_SHIFT: the words it took), 1
+# otherwise. `--help` calls the script's own `usage` function.
 gdsd_common_option() {
   GDSD_SHIFT=1
   case $1 in
-    --env)
-      [[ $# -ge 2 && -n $2 ]] || gdsd_die "--env needs a file name (e.g. --env launch/env.sh)"
-      GDSD_ENV_FILE=$2
-      GDSD_SHIFT=2
-      ;;
-    --env=*)
-      GDSD_ENV_FILE=${1#--env=}
-      [[ -n $GDSD_ENV_FILE ]] || gdsd_die "--env needs a file name (e.g. --env launch/env.sh)"
+    --env | --env=*)
+      gdsd_option_value "a file name (e.g. --env launch/env.sh)" "$@"
+      [[ -n $GDSD_VALUE ]] || gdsd_die "--env needs a file name (e.g. --env launch/env.sh)"
+      GDSD_ENV_FILE=$GDSD_VALUE
       ;;
     --dry-run) GDSD_DRY_RUN=1 ;;
     -h | --help)
@@ -99,6 +126,11 @@ gdsd_common_option() {
     *) return 1 ;;
   esac
   return 0
+}
+
+# The value of --worker: a worker index (0, 1, ...) or all.
+gdsd_check_worker() {
+  [[ $1 == all || $1 =~ ^[0-9]+$ ]] || gdsd_die "--worker must be a worker index (0, 1, ...) or all (got '$1')"
 }
 
 # Help text shared by all scripts (appended to each script's usage).

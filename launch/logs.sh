@@ -27,40 +27,35 @@ lines=100
 follow=1
 dest=""
 action=""
-while (($#)); do
+logs_option() {
   case $1 in
     tail | collect)
       [[ -z $action ]] || gdsd_die "give one action, tail or collect (got '$action' and '$1')"
       action=$1
       ;;
-    --worker | --lines | --dest)
-      [[ $# -ge 2 ]] || gdsd_die "$1 needs a value"
-      case $1 in
-        --worker) worker=$2 ;;
-        --lines) lines=$2 ;;
-        --dest) dest=$2 ;;
-      esac
-      shift
+    --worker | --worker=*)
+      gdsd_option_value "a value: a worker index (0, 1, ...) or all" "$@"
+      worker=$GDSD_VALUE
       ;;
-    --worker=*) worker=${1#--worker=} ;;
-    --lines=*) lines=${1#--lines=} ;;
-    --dest=*) dest=${1#--dest=} ;;
+    --lines | --lines=*)
+      gdsd_option_value "a value" "$@"
+      lines=$GDSD_VALUE
+      ;;
+    --dest | --dest=*)
+      gdsd_option_value "a value" "$@"
+      dest=$GDSD_VALUE
+      ;;
     --no-follow) follow=0 ;;
+    -*) return 1 ;;
     *)
-      if gdsd_common_option "$@"; then
-        shift "$GDSD_SHIFT"
-        continue
-      fi
-      if [[ $1 != -* && -z $action ]]; then
-        gdsd_die "unknown action '$1': expected tail or collect (see --help)"
-      fi
-      gdsd_die "unknown argument '$1' (see --help)"
+      [[ -n $action ]] || gdsd_die "unknown action '$1': expected tail or collect (see --help)"
+      return 1
       ;;
   esac
-  shift
-done
+}
+gdsd_parse_args logs_option "$@"
 [[ -n $action ]] || gdsd_die "give an action: tail or collect (see --help)"
-[[ $worker == all || $worker =~ ^[0-9]+$ ]] || gdsd_die "--worker must be a worker index (0, 1, ...) or all (got '$worker')"
+gdsd_check_worker "$worker"
 [[ $lines =~ ^[0-9]+$ ]] || gdsd_die "--lines must be a number of lines (got '$lines')"
 
 gdsd_load_env

@@ -30,31 +30,23 @@ EOF
 foreground=0
 worker=all
 cmd=()
-while (($#)); do
+run_option() {
   case $1 in
     --foreground) foreground=1 ;;
-    --worker)
-      [[ $# -ge 2 ]] || gdsd_die "--worker needs a value: a worker index (0, 1, ...) or all"
-      worker=$2
-      shift
+    --worker | --worker=*)
+      gdsd_option_value "a value: a worker index (0, 1, ...) or all" "$@"
+      worker=$GDSD_VALUE
       ;;
-    --worker=*) worker=${1#--worker=} ;;
     --)
-      shift
-      cmd=("$@")
-      break
+      cmd=("${@:2}")
+      GDSD_SHIFT=$#
       ;;
-    *)
-      if gdsd_common_option "$@"; then
-        shift "$GDSD_SHIFT"
-        continue
-      fi
-      gdsd_die "unknown argument '$1' (see --help; put the command to run after --)"
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
-[[ $worker == all || $worker =~ ^[0-9]+$ ]] || gdsd_die "--worker must be a worker index (0, 1, ...) or all (got '$worker')"
+}
+GDSD_ARGS_HINT="put the command to run after --"
+gdsd_parse_args run_option "$@"
+gdsd_check_worker "$worker"
 
 gdsd_load_env
 gdsd_require PROJECT_ID ZONE TPU_NAME CHECKPOINT_BUCKET RUN_NAME

@@ -27,20 +27,14 @@ EOF
 
 do_code=1
 do_env=1
-while (($#)); do
+setup_option() {
   case $1 in
     --code-only) do_env=0 ;;
     --env-only) do_code=0 ;;
-    *)
-      if gdsd_common_option "$@"; then
-        shift "$GDSD_SHIFT"
-        continue
-      fi
-      gdsd_die "unknown argument '$1' (see --help)"
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+gdsd_parse_args setup_option "$@"
 ((do_code || do_env)) || gdsd_die "--code-only and --env-only exclude each other"
 
 gdsd_load_env

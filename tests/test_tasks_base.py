@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from gdsd_jax.tasks import Task, WeightedReward, get_task, score_batch, task_names
+from gdsd_jax.tasks.base import per_completion
 
 
 def test_registry():
@@ -53,6 +54,17 @@ def test_score_batch_localises_failures():
     assert failures == 2 and total.dtype == np.float32
     with pytest.raises(ValueError, match="2 completions but 1 examples"):
         score_batch(_Fake(), ["a", "b"], [{}])
+
+
+def test_per_completion_scores_a_raising_pair_zero_and_keeps_the_others():
+    def ratio(text, example):
+        """characters per unit"""
+        return len(text) // example["units"]  # an int: the batch function gives floats
+
+    fn = per_completion(ratio)
+    out = fn(["abcd", "ab", None, "abc"], [{"units": 2}, {"units": 0}, {"units": 1}, {}])
+    assert out == [2.0, 0.0, 0.0, 0.0] and all(type(v) is float for v in out)
+    assert (fn.__name__, fn.__doc__) == ("ratio", "characters per unit")
 
 
 def test_shipped_file_command_checks_and_regenerates(tmp_path, capsys):

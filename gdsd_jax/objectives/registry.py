@@ -10,8 +10,10 @@ An :class:`Objective` bundles an objective's forward process and its statistics 
   -> LossOutput``: recomputes the current statistics itself, so ``jax.grad`` of the numerator with
   respect to ``params`` or ``lora`` works. ``old_stats=None`` means on-policy (stop-gradient of the
   current statistics, as the official code for ``num_iterations == 1``); ``ref_stats`` may be ``None``
-  when β = 0.
-* ``needs_old(cfg, num_iterations)``, ``needs_ref(cfg)``: which statistics the trainer must precompute.
+  when β = 0. By default it is ``statistics`` followed by ``reduce(batch, masks, current, old_stats,
+  ref_stats, advantages, cfg)``, the method's loss on the current statistics, which subclasses implement.
+* ``needs_old(cfg, num_iterations)``, ``needs_ref(cfg)``: which statistics the trainer must precompute
+  (none for a method that reads neither, ``uses_old_and_ref = False``).
 * ``advantage_method`` / ``advantage_scale_std``: the advantages each method's code uses
   (:func:`~gdsd_jax.objectives.advantages.compute_advantages`).
 * ``step_metrics(updates) -> dict``: a step's metrics from its inner updates' ``LossOutput.metrics``; the
@@ -70,6 +72,9 @@ class Objective:
     #: metrics of the loss also reported per inner iteration (``name/iter{j}``) when a step makes several
     #: updates: how far the policy has moved from the rollout policy at each of them.
     iteration_metrics: tuple[str, ...] = ()
+    #: whether the loss reads the old policy's and the reference model's statistics at all (wd1 and SPG
+    #: have neither a ratio to the old policy nor a KL to the reference).
+    uses_old_and_ref: bool = True
 
     # ---- contract ------------------------------------------------------------------------------
     def draw_masks(self, key: jax.Array, batch: RolloutBatch, cfg: ObjectiveConfig) -> dict:
@@ -82,15 +87,23 @@ class Objective:
     def loss(self, params: Mapping, model_cfg: DenoiserConfig, batch: RolloutBatch, masks: Mapping,
              old_stats: Mapping | None, ref_stats: Mapping | None, advantages: jax.Array, cfg: ObjectiveConfig,
              *, lora: Mapping | None = None, mesh: Mesh | None = None) -> LossOutput:
+        self._check(cfg, batch, advantages)
+        current = self.statistics(params, model_cfg, batch, masks, cfg, lora=lora, mesh=mesh)
+        return self.reduce(batch, masks, current, old_stats, ref_stats, advantages, cfg)
+
+    def reduce(self, batch: RolloutBatch, masks: Mapping, current: Mapping, old_stats: Mapping | None,
+               ref_stats: Mapping | None, advantages: jax.Array, cfg: ObjectiveConfig) -> LossOutput:
+        """The loss from the current statistics (differentiable) and the old / reference ones (as in
+        :meth:`loss`)."""
         raise NotImplementedError
 
     def needs_old(self, cfg: ObjectiveConfig, num_iterations: int) -> bool:
         self._check(cfg)
-        return num_iterations > 1
+        return self.uses_old_and_ref and num_iterations > 1
 
     def needs_ref(self, cfg: ObjectiveConfig) -> bool:
         self._check(cfg)
-        return cfg.beta != 0.0
+        return self.uses_old_and_ref and cfg.beta != 0.0
 
     def step_metrics(self, updates: Mapping[str, Sequence[float]]) -> dict[str, float]:
         """A step's metrics from its inner updates' (``name -> one value per update``): the mean of each
@@ -119,17 +132,30 @@ class Objective:
         return f"Objective({self.name!r})"
 
 
+def _old_and_ref(old_stats: Mapping | None, ref_stats: Mapping | None, cfg: ObjectiveConfig,
+                 name: str) -> tuple[jax.Array | None, jax.Array | None]:
+    """The old and reference statistic ``name`` a loss reads: None on-policy (no old statistics) and for the
+    reference at β = 0."""
+    old = None if old_stats is None else old_stats[name]
+    ref = None if (ref_stats is None or cfg.beta == 0.0) else ref_stats[name]
+    return old, ref
+
+
 # ---- GDSD family and ESPO -----------------------------------------------------------------------
 
-class _Coupled(Objective):
-    """Objectives on the official stratified coupled masks and the per-sequence statistic ℓ(b, m)."""
-
-    weighting = "none"
-    iteration_metrics = ("inside_clip_frac", "mean_abs_delta")
+class _CoupledMasks(Objective):
+    """Objectives on the official stratified coupled masks (M draws per sequence)."""
 
     def draw_masks(self, key, batch, cfg):
         self._check(cfg, batch)
         return coupled_masks(key, batch.batch_size, batch.completion_len, cfg.num_mc)
+
+
+class _Coupled(_CoupledMasks):
+    """Objectives on the coupled masks and the per-sequence statistic ℓ(b, m)."""
+
+    weighting = "none"
+    iteration_metrics = ("inside_clip_frac", "mean_abs_delta")
 
     def _score(self, cfg: ObjectiveConfig) -> dict:
         return dict(kind="logprob", centring=None, topk=0)
@@ -142,15 +168,12 @@ class _Coupled(Objective):
                                 **self._score(cfg))
         return {"ell": ell}
 
-    def loss(self, params, model_cfg, batch, masks, old_stats, ref_stats, advantages, cfg, *, lora=None,
-             mesh=None):
-        self._check(cfg, batch, advantages)
-        ell = self.statistics(params, model_cfg, batch, masks, cfg, lora=lora, mesh=mesh)["ell"]
-        old = None if old_stats is None else old_stats["ell"]
-        ref = None if (ref_stats is None or cfg.beta == 0.0) else ref_stats["ell"]
-        return self._reduce(ell, old, ref, advantages, scored_length(batch, cfg.score_positions), cfg)
+    def reduce(self, batch, masks, current, old_stats, ref_stats, advantages, cfg):
+        old, ref = _old_and_ref(old_stats, ref_stats, cfg, "ell")
+        length = scored_length(batch, cfg.score_positions)
+        return self._ell_loss(current["ell"], old, ref, advantages, length, cfg)
 
-    def _reduce(self, ell, old, ref, advantages, length, cfg) -> LossOutput:
+    def _ell_loss(self, ell, old, ref, advantages, length, cfg) -> LossOutput:
         return losses.gdsd_loss(ell, old, ref, advantages, length, psi=cfg.psi, beta=cfg.beta,
                                 epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                 clip_mode=cfg.clip_mode, mc_reduce=cfg.mc_reduce, kl_estimator=cfg.kl_estimator)
@@ -184,19 +207,15 @@ class ESPO(_Coupled):
     weighting = "elbo"
     iteration_metrics = ("inside_clip_frac", "clip_frac", "mean_abs_delta")
 
-    def _reduce(self, ell, old, ref, advantages, length, cfg):
+    def _ell_loss(self, ell, old, ref, advantages, length, cfg):
         return losses.espo_loss(ell, old, ref, advantages, length, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                                 epsilon_high=cfg.epsilon_high, kl_estimator=cfg.kl_estimator)
 
 
-class GDSDLogit(Objective):
+class GDSDLogit(_CoupledMasks):
     name = "gdsd_logit"
     description = ("GDSD logit matching (reconstruction of the paper's normalisation-free reading): squared "
                    "distance between the student's centred logits and the self-teacher's")
-
-    def draw_masks(self, key, batch, cfg):
-        self._check(cfg, batch)
-        return coupled_masks(key, batch.batch_size, batch.completion_len, cfg.num_mc)
 
     def statistics(self, params, model_cfg, batch, masks, cfg, *, lora=None, mesh=None):
         self._check(cfg, batch)
@@ -259,13 +278,9 @@ class D1(Objective):
                                  vocab_chunk=cfg.vocab_chunk, seq_chunk=cfg.seq_chunk, lora=lora, mesh=mesh)
         return {"logp": logp}
 
-    def loss(self, params, model_cfg, batch, masks, old_stats, ref_stats, advantages, cfg, *, lora=None,
-             mesh=None):
-        self._check(cfg, batch, advantages)
-        logp = self.statistics(params, model_cfg, batch, masks, cfg, lora=lora, mesh=mesh)["logp"]
-        old = None if old_stats is None else old_stats["logp"]
-        ref = None if (ref_stats is None or cfg.beta == 0.0) else ref_stats["logp"]
-        return losses.d1_loss(logp, old, ref, advantages, position_weights(batch, cfg.score_positions),
+    def reduce(self, batch, masks, current, old_stats, ref_stats, advantages, cfg):
+        old, ref = _old_and_ref(old_stats, ref_stats, cfg, "logp")
+        return losses.d1_loss(current["logp"], old, ref, advantages, position_weights(batch, cfg.score_positions),
                               beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                               kl_estimator=cfg.kl_estimator)
 
@@ -277,20 +292,10 @@ class WD1(D1):
     advantage_method = "group_mean"
     advantage_scale_std = False
     iteration_metrics = ()
+    uses_old_and_ref = False
 
-    def needs_old(self, cfg, num_iterations):
-        self._check(cfg)
-        return False
-
-    def needs_ref(self, cfg):
-        self._check(cfg)
-        return False
-
-    def loss(self, params, model_cfg, batch, masks, old_stats, ref_stats, advantages, cfg, *, lora=None,
-             mesh=None):
-        self._check(cfg, batch, advantages)
-        logp = self.statistics(params, model_cfg, batch, masks, cfg, lora=lora, mesh=mesh)["logp"]
-        return losses.wd1_loss(logp, advantages, position_weights(batch, cfg.score_positions),
+    def reduce(self, batch, masks, current, old_stats, ref_stats, advantages, cfg):
+        return losses.wd1_loss(current["logp"], advantages, position_weights(batch, cfg.score_positions),
                                negative=cfg.wd1_negative)
 
 
@@ -300,6 +305,7 @@ class SPG(Objective):
                    "estimate for non-positive advantages, block-random masks")
     advantage_method = "group_mean"
     advantage_scale_std = False
+    uses_old_and_ref = False
 
     def draw_masks(self, key, batch, cfg):
         self._check(cfg, batch)
@@ -314,20 +320,9 @@ class SPG(Objective):
                                    seq_chunk=cfg.seq_chunk, lora=lora, mesh=mesh)
         return {"logp": logp}
 
-    def needs_old(self, cfg, num_iterations):
-        self._check(cfg)
-        return False
-
-    def needs_ref(self, cfg):
-        self._check(cfg)
-        return False
-
-    def loss(self, params, model_cfg, batch, masks, old_stats, ref_stats, advantages, cfg, *, lora=None,
-             mesh=None):
-        self._check(cfg, batch, advantages)
-        logp = self.statistics(params, model_cfg, batch, masks, cfg, lora=lora, mesh=mesh)["logp"]
+    def reduce(self, batch, masks, current, old_stats, ref_stats, advantages, cfg):
         is_mask = masks["is_mask"][..., batch.prompt_len:]
-        return losses.spg_loss(logp, is_mask, position_weights(batch, cfg.score_positions), batch.completion_mask,
+        return losses.spg_loss(current["logp"], is_mask, position_weights(batch, cfg.score_positions), batch.completion_mask,
                                advantages, logp_estimation=cfg.logp_estimation, mix_weight=cfg.mix_weight,
                                eubo_beta=cfg.eubo_beta)
 

@@ -26,11 +26,13 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gdsd_jax.errors import UserError
+from gdsd_jax.tasks.text import BOXED_SUFFIX, MATH_EVAL_PROMPT, XML_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,25 @@ class TaskError(UserError, ValueError):
 #: A reward function scores a batch: (completions, examples) -> one float per completion. It must be
 #: total: a malformed completion scores 0 (or the format score) and never raises.
 RewardFn = Callable[[Sequence[str], Sequence[dict]], list[float]]
+
+
+def per_completion(rule: Callable[[str, dict], float]) -> RewardFn:
+    """A rule ``(completion, example) -> number`` as a total batch function: ``float(rule(c, e))`` for each
+    pair, 0.0 where the rule raises (a malformed completion or example scores 0, the others are kept)."""
+
+    def batch(completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
+        out = []
+        for c, e in zip(completions, examples):
+            try:
+                out.append(float(rule(c, e)))
+            except Exception:
+                out.append(0.0)
+        return out
+
+    batch.__name__ = rule.__name__
+    batch.__doc__ = rule.__doc__
+    return batch
+
 
 #: Evaluation protocol names (see the module docstring).
 PROTOCOLS = ("project", "official")
@@ -69,12 +90,13 @@ class Task:
         """Chat messages (``[{"role": ..., "content": ...}]``) of the official prompt for ``split``."""
         raise NotImplementedError
 
-    def prompt_prefill(self, *, split: str = "train") -> str:
-        """Text appended after the chat template's generation prompt (the start of the answer).
+    #: Prefill of the evaluation prompts (the official evaluation's ``"<reasoning>"`` for the tasks it has).
+    eval_prefill: str = ""
 
-        The official evaluation prefills ``"<reasoning>"``; training prompts have no prefill.
-        """
-        return ""
+    def prompt_prefill(self, *, split: str = "train") -> str:
+        """Text appended after the chat template's generation prompt (the start of the answer):
+        :attr:`eval_prefill` for evaluation prompts; training prompts have no prefill."""
+        return "" if split == "train" else self.eval_prefill
 
     def rewards(self) -> list[WeightedReward]:
         """Reward functions and weights of the official recipe (summed into one scalar reward)."""
@@ -138,20 +160,15 @@ def check_protocol(setting: str, protocol: str, offered: Sequence[str]) -> str:
 class LocalFileTask(Task):
     """A task whose data are user-supplied local files (JSONL or Parquet), one per split, loaded once.
 
-    Subclasses set ``name``, ``display_name``, ``columns`` (for the error message), ``variants``
-    (variant -> the official reward recipe's name) and implement ``load(path)``.
+    Subclasses set ``name``, ``display_name`` and ``columns`` (for the error message when a file is missing)
+    and implement ``load(path)``.
     """
 
     display_name: str = ""
     columns: str = ""
-    variants: dict[str, str] = {}
 
-    def __init__(self, *, train_file=None, test_file=None, variant: str = "xml"):
-        if variant not in self.variants:
-            expected = " or ".join(f"{v!r} ({r})" for v, r in self.variants.items())
-            raise ValueError(f"{type(self).__name__} variant must be {expected}, got {variant!r}")
+    def __init__(self, *, train_file=None, test_file=None):
         self.files = {"train": train_file, "test": test_file}
-        self.variant = variant
         self._cache: dict[str, list[dict]] = {}
 
     def load(self, path) -> list[dict]:
@@ -166,6 +183,90 @@ class LocalFileTask(Task):
         if split not in self._cache:
             self._cache[split] = self.load(self.files[split])
         return self._cache[split]
+
+
+class MathWordTask(LocalFileTask):
+    """A math word-problem task from local files (GSM8K, MATH) with the official prompts: per ``variant``,
+    the XML format block or the boxed-answer instruction for training, the math evaluation prompt for the
+    test split.
+
+    Subclasses set, besides :class:`LocalFileTask`'s, ``variants`` (variant -> the official reward recipe's
+    name), ``question_field`` (the example's question) and ``xml_prefix`` (what the XML training prompt puts
+    before the question).
+    """
+
+    variants: dict[str, str] = {}
+    question_field: str = "question"
+    xml_prefix: str = XML_FORMAT + "\n\n"
+    eval_prefill = "<reasoning>"
+
+    def __init__(self, *, train_file=None, test_file=None, variant: str = "xml"):
+        if variant not in self.variants:
+            expected = " or ".join(f"{v!r} ({r})" for v, r in self.variants.items())
+            raise ValueError(f"{type(self).__name__} variant must be {expected}, got {variant!r}")
+        super().__init__(train_file=train_file, test_file=test_file)
+        self.variant = variant
+
+    def prompt_messages(self, example: dict, *, split: str = "train") -> list[dict]:
+        question = example[self.question_field]
+        if split != "train":
+            content = MATH_EVAL_PROMPT + "\n\n" + question
+        elif self.variant == "xml":
+            content = self.xml_prefix + question
+        else:
+            content = question + BOXED_SUFFIX
+        return [{"role": "user", "content": content}]
+
+
+class GeneratedTask(Task):
+    """A task with generated data (Sudoku, Countdown): a train set made at load time, shipped generated test
+    and validation files, and with ``protocol="official"`` the official test set; a local file
+    (``train_file`` / ``test_file`` / ``validation_file``) replaces any of them. Each split is made once.
+
+    Subclasses set ``name``, ``load_file(path)`` (a user or shipped file), ``load_official_test(path)``
+    (``path`` None: the shipped official copy), ``shipped_test_path()`` and ``shipped_validation_path()``,
+    and implement :meth:`train_examples`.
+    """
+
+    protocols = ("project", "official")
+    eval_prefill = "<reasoning>"
+    supports_compact = True
+    splits = ("train", "validation", "test")
+
+    def __init__(self, *, train_file=None, test_file=None, validation_file=None, protocol: str = "project"):
+        self.train_file, self.test_file, self.validation_file = train_file, test_file, validation_file
+        self.protocol = check_protocol(f"{type(self).__name__} protocol", protocol, self.protocols)
+        self._cache: dict[str, list[dict]] = {}
+
+    def examples(self, split: str) -> list[dict]:
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; expected 'train', 'validation' or 'test'")
+        if split not in self._cache:
+            if split == "train":
+                self._cache[split] = self.train_examples()
+            elif split == "validation":
+                self._cache[split] = self.load_file(self.validation_file or self.shipped_validation_path())
+            elif self.protocol == "official":
+                self._cache[split] = self.load_official_test(self.test_file)
+            else:
+                self._cache[split] = self.load_file(self.test_file or self.shipped_test_path())
+        return self._cache[split]
+
+    def train_examples(self) -> list[dict]:
+        """The train split, none of it a test example of the protocol in use."""
+        raise NotImplementedError
+
+    def load_file(self, path) -> list[dict]:
+        raise NotImplementedError
+
+    def load_official_test(self, path=None) -> list[dict]:
+        raise NotImplementedError
+
+    def shipped_test_path(self) -> Path:
+        raise NotImplementedError
+
+    def shipped_validation_path(self) -> Path:
+        raise NotImplementedError
 
 
 def _as_scores(values: Any, n: int) -> list[float] | None:

@@ -24,7 +24,7 @@ import ast
 import re
 from collections.abc import Sequence
 
-from gdsd_jax.tasks.base import Task, WeightedReward
+from gdsd_jax.tasks.base import LocalFileTask, WeightedReward
 from gdsd_jax.tasks.checks import COMPARISONS
 from gdsd_jax.tasks.files import is_nonempty_str, is_nonempty_str_list, load_rows
 from gdsd_jax.tasks.sandbox import Sandbox, SandboxConfig, default_sandbox
@@ -115,7 +115,7 @@ class CodePassRate:
         return [passed[i] / counts[i] if counts[i] else 0.0 for i in range(len(completions))]
 
 
-class CodeTask(Task):
+class CodeTask(LocalFileTask):
     """Code generation from local JSONL (see module docstring).
 
     Args:
@@ -127,24 +127,18 @@ class CodeTask(Task):
     """
 
     name = "code"
+    display_name = "The code dataset"
+    columns = "'question' and 'test_cases'"
 
     def __init__(self, *, train_file=None, test_file=None, sandbox: Sandbox | None = None,
                  sandbox_config: SandboxConfig | None = None, comparison: str = "strict"):
-        self.files = {"train": train_file, "test": test_file}
+        super().__init__(train_file=train_file, test_file=test_file)
         if sandbox is None and sandbox_config is not None:
             sandbox = Sandbox(sandbox_config)
         self.pass_rate = CodePassRate(sandbox, comparison=comparison)
-        self._cache: dict[str, list[dict]] = {}
 
-    def examples(self, split: str) -> list[dict]:
-        if split not in self.files:
-            raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
-        if self.files[split] is None:
-            raise ValueError(f"the code dataset is not bundled: pass {split}_file= a local JSONL file with "
-                             "'question' and 'test_cases' fields")
-        if split not in self._cache:
-            self._cache[split] = load_code(self.files[split])
-        return self._cache[split]
+    def load(self, path) -> list[dict]:
+        return load_code(path)
 
     def prompt_messages(self, example: dict, *, split: str = "train") -> list[dict]:
         question = example["question"]

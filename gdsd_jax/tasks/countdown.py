@@ -36,7 +36,7 @@ import numpy as np
 
 from gdsd_jax.data.tokenizer import CharTokenizer
 from gdsd_jax.tasks import arith
-from gdsd_jax.tasks.base import Task, WeightedReward, check_protocol
+from gdsd_jax.tasks.base import GeneratedTask, WeightedReward, per_completion
 from gdsd_jax.tasks.files import (
     DataError,
     is_int,
@@ -271,15 +271,10 @@ def score_expression(expression: str | None, numbers: Sequence[int], target: flo
         return format_score
 
 
-def reward_countdown(completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
+@per_completion
+def reward_countdown(text: str, example: dict) -> float:
     """Official Countdown reward on the last ``<answer>...</answer>``."""
-    out = []
-    for text, ex in zip(completions, examples):
-        try:
-            out.append(score_expression(last_answer_tag(text), ex["numbers"], ex["target"]))
-        except Exception:
-            out.append(0.0)
-    return out
+    return score_expression(last_answer_tag(text), example["numbers"], example["target"])
 
 
 def eval_answer(text: str) -> str | None:
@@ -321,6 +316,18 @@ def official_correct(text: str, numbers: Sequence[int], target: float) -> bool:
     """The official verdict: the expression uses exactly ``numbers``, has only ``[0-9+-*/().]`` and
     whitespace, and evaluates (true division) to within 1e-5 of ``target``."""
     return score_expression(official_eval_answer(text), numbers, target, format_score=0.0) == 1.0
+
+
+@per_completion
+def official_accuracy(text: str, example: dict) -> float:
+    """1.0 if :func:`official_correct` accepts the completion."""
+    return float(official_correct(text, example["numbers"], example["target"]))
+
+
+@per_completion
+def project_accuracy(text: str, example: dict) -> float:
+    """1.0 if the project's parser (:func:`eval_answer`) reads an expression the official rule scores right."""
+    return float(score_expression(eval_answer(text), example["numbers"], example["target"]) == 1.0)
 
 
 def prompt_numbers(numbers: Sequence[int]) -> str:
@@ -390,7 +397,7 @@ def compact_reward(completion_ids: Sequence[int], example: dict) -> float:
         return 0.0
 
 
-class CountdownTask(Task):
+class CountdownTask(GeneratedTask):
     """Countdown, 3 numbers (see module docstring).
 
     Args:
@@ -404,36 +411,20 @@ class CountdownTask(Task):
     """
 
     name = "countdown"
-    protocols = ("project", "official")
-    supports_compact = True
     compact_prompt_length = COMPACT_PROMPT_LENGTH
     compact_completion_length = COMPACT_COMPLETION_LENGTH
+    load_file = staticmethod(load_file)
+    load_official_test = staticmethod(load_official_test)
+    shipped_test_path = staticmethod(shipped_test_path)
+    shipped_validation_path = staticmethod(shipped_validation_path)
 
     def __init__(self, *, train_file=None, test_file=None, validation_file=None, num_train: int = 20_000,
                  seed: int = TRAIN_SEED, protocol: str = "project"):
-        self.train_file, self.test_file, self.validation_file = train_file, test_file, validation_file
+        super().__init__(train_file=train_file, test_file=test_file, validation_file=validation_file,
+                         protocol=protocol)
         self.num_train, self.seed = num_train, seed
-        self.protocol = check_protocol("CountdownTask protocol", protocol, self.protocols)
-        self._cache: dict[str, list[dict]] = {}
 
-    def examples(self, split: str) -> list[dict]:
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"unknown split {split!r}; expected 'train', 'validation' or 'test'")
-        if split not in self._cache:
-            if split == "train":
-                self._cache[split] = self._train()
-            elif split == "validation":
-                self._cache[split] = load_file(self.validation_file or shipped_validation_path())
-            else:
-                self._cache[split] = self._test()
-        return self._cache[split]
-
-    def _test(self) -> list[dict]:
-        if self.protocol == "official":
-            return load_official_test(self.test_file)
-        return load_file(self.test_file or shipped_test_path())
-
-    def _train(self) -> list[dict]:
+    def train_examples(self) -> list[dict]:
         """Train instances, none sharing ``(sorted numbers, target)`` with the test set in use or the
         validation set."""
         held_out = [*self.examples("test"), *self.examples("validation")]
@@ -462,23 +453,12 @@ class CountdownTask(Task):
             content = eval_prompt(example["numbers"], target)
         return [{"role": "user", "content": content}]
 
-    def prompt_prefill(self, *, split: str = "train") -> str:
-        return "" if split == "train" else "<reasoning>"
-
     def rewards(self) -> list[WeightedReward]:
         return [WeightedReward("countdown", reward_countdown)]
 
     def eval_metrics(self, completions, examples) -> dict[str, list[float]]:
-        acc = []
-        for text, ex in zip(completions, examples):
-            try:
-                if self.protocol == "official":
-                    acc.append(float(official_correct(text, ex["numbers"], ex["target"])))
-                else:
-                    acc.append(float(score_expression(eval_answer(text), ex["numbers"], ex["target"]) == 1.0))
-            except Exception:
-                acc.append(0.0)
-        return {"accuracy": acc}
+        accuracy = official_accuracy if self.protocol == "official" else project_accuracy
+        return {"accuracy": accuracy(completions, examples)}
 
     # The compact format (module functions above) as the Task interface's methods.
     compact_tokenizer = staticmethod(countdown_tokenizer)

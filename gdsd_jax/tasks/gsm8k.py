@@ -14,20 +14,10 @@ Variants (``GSM8KTask(variant=...)``):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
-from gdsd_jax.tasks.base import LocalFileTask, WeightedReward
+from gdsd_jax.tasks.base import MathWordTask, WeightedReward, per_completion
 from gdsd_jax.tasks.files import DataError, is_nonempty_str, load_rows
-from gdsd_jax.tasks.text import XML_FORMAT, boxed_contents, first_answer_text, hash_answer, xml_answer
-
-PLAIN_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-
-#: Evaluation system prompt of the official math evaluation (``math_eval``), prefixed to the question.
-EVAL_SYSTEM_PROMPT = (
-    "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the final answer "
-    "in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n"
-    "<answer>\n\\boxed{...}\n</answer>\n"
-)
+from gdsd_jax.tasks.text import boxed_contents, first_answer_text, hash_answer, xml_answer
 
 
 def load_gsm8k(path) -> list[dict]:
@@ -68,47 +58,30 @@ _SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTA
 _STRICT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
 
 
-def _total(fn):
-    """Per-completion guard: the rule functions below are total on strings; anything else scores 0."""
-
-    def wrapped(completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
-        out = []
-        for c, e in zip(completions, examples):
-            try:
-                out.append(float(fn(c, e)))
-            except Exception:
-                out.append(0.0)
-        return out
-
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
-    return wrapped
-
-
-@_total
+@per_completion
 def xmlcount_reward(text: str, example: dict) -> float:
     return count_xml(text)
 
 
-@_total
+@per_completion
 def soft_format_reward(text: str, example: dict) -> float:
     """0.5 if the text starts with ``<reasoning>...</reasoning>`` then ``<answer>...</answer>``."""
     return 0.5 if _SOFT.match(text) else 0.0
 
 
-@_total
+@per_completion
 def strict_format_reward(text: str, example: dict) -> float:
     """0.5 for exactly ``<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n``."""
     return 0.5 if _STRICT.match(text) else 0.0
 
 
-@_total
+@per_completion
 def int_reward(text: str, example: dict) -> float:
     """0.5 if the stripped answer text is all digits."""
     return 0.5 if xml_answer(text).isdigit() else 0.0
 
 
-@_total
+@per_completion
 def correctness_reward(text: str, example: dict) -> float:
     """2.0 if the stripped answer text equals the gold ``####`` answer string."""
     return 2.0 if xml_answer(text) == example["answer"] else 0.0
@@ -134,7 +107,7 @@ def extract_answer(text: str) -> str:
     return ints[-1].strip() if ints else ""
 
 
-@_total
+@per_completion
 def plain_correctness_reward(text: str, example: dict) -> float:
     """1.0 if :func:`extract_answer` equals the gold answer string."""
     return 1.0 if extract_answer(text) == example["answer"] else 0.0
@@ -171,7 +144,13 @@ def eval_correct(text: str, gold: str) -> bool:
     return pred is not None and pred == gold_value
 
 
-class GSM8KTask(LocalFileTask):
+@per_completion
+def eval_accuracy(text: str, example: dict) -> float:
+    """1.0 if :func:`eval_correct` accepts the completion for the example's gold answer."""
+    return float(eval_correct(text, example["answer"]))
+
+
+class GSM8KTask(MathWordTask):
     """GSM8K from local files (see module docstring). ``train_file`` / ``test_file``: JSONL or Parquet."""
 
     name = "gsm8k"
@@ -182,16 +161,6 @@ class GSM8KTask(LocalFileTask):
 
     def load(self, path) -> list[dict]:
         return load_gsm8k(path)
-
-    def prompt_messages(self, example: dict, *, split: str = "train") -> list[dict]:
-        if split != "train":
-            return [{"role": "user", "content": EVAL_SYSTEM_PROMPT + "\n\n" + example["question"]}]
-        if self.variant == "xml":
-            return [{"role": "user", "content": XML_FORMAT + "\n\n" + example["question"]}]
-        return [{"role": "user", "content": example["question"] + PLAIN_SUFFIX}]
-
-    def prompt_prefill(self, *, split: str = "train") -> str:
-        return "" if split == "train" else "<reasoning>"
 
     def rewards(self) -> list[WeightedReward]:
         if self.variant == "plain":
@@ -205,10 +174,4 @@ class GSM8KTask(LocalFileTask):
         ]
 
     def eval_metrics(self, completions, examples) -> dict[str, list[float]]:
-        acc = []
-        for c, e in zip(completions, examples):
-            try:
-                acc.append(float(eval_correct(c, e["answer"])))
-            except Exception:
-                acc.append(0.0)
-        return {"accuracy": acc}
+        return {"accuracy": eval_accuracy(completions, examples)}

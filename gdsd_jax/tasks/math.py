@@ -17,19 +17,12 @@ Variants (``MathTask(variant=...)``):
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 
-from gdsd_jax.tasks.base import LocalFileTask, WeightedReward
+from gdsd_jax.tasks.base import MathWordTask, WeightedReward, per_completion
 from gdsd_jax.tasks.files import DataError, is_nonempty_str, is_str, load_rows
 from gdsd_jax.tasks.text import XML_FORMAT, first_answer_text, is_equiv, last_boxed, remove_boxed
 
 XML_INSTRUCTION = "\n\nYou are a math expert. Solve the problem step by step. Wrap the final answer in a \\boxed{}.\n\n"
-PLAIN_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-EVAL_SYSTEM_PROMPT = (
-    "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the final answer "
-    "in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n"
-    "<answer>\n\\boxed{...}\n</answer>\n"
-)
 
 
 def gold_answer(solution: str) -> str | None:
@@ -55,33 +48,18 @@ def load_math(path) -> list[dict]:
                      optional={"answer": is_str}, convert=convert)
 
 
-def _total(fn):
-    def wrapped(completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
-        out = []
-        for c, e in zip(completions, examples):
-            try:
-                out.append(float(fn(c, e)))
-            except Exception:
-                out.append(0.0)
-        return out
-
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
-    return wrapped
-
-
 def math_xml_correct(text: str, solution: str) -> bool:
     answer_text, _ = first_answer_text(text)
     return is_equiv(remove_boxed(last_boxed(answer_text)), gold_answer(solution))
 
 
-@_total
+@per_completion
 def correctness_reward_xml(text: str, example: dict) -> float:
     """2.0 if the answer text's last box is equivalent to the gold solution's last box."""
     return 2.0 if math_xml_correct(text, example["solution"]) else 0.0
 
 
-@_total
+@per_completion
 def boxed_format_reward(text: str, example: dict) -> float:
     """0.5 x (1.0 if ``<answer>`` is present + (1.0 if ``\\boxed`` in the answer text else 0.5))."""
     answer_text, has_tag = first_answer_text(text)
@@ -102,13 +80,21 @@ def verify_math(response: str, gold: str) -> bool:
     return bool(verify(pred, ref, **({} if in_main else {"timeout_seconds": None})))
 
 
-@_total
+@per_completion
 def correctness_reward_plain(text: str, example: dict) -> float:
     """2.0 if math-verify finds the response equivalent to the gold solution."""
     return 2.0 if verify_math(text, example["solution"]) else 0.0
 
 
-class MathTask(LocalFileTask):
+@per_completion
+def eval_accuracy(text: str, example: dict) -> float:
+    """MATH-500 evaluation: 1.0 if the last box of the answer text is equivalent (``is_equiv``) to the gold
+    answer."""
+    answer_text, _ = first_answer_text(text)
+    return float(is_equiv(remove_boxed(last_boxed(answer_text)), example["answer"]))
+
+
+class MathTask(MathWordTask):
     """MATH from local files (see module docstring). ``train_file`` / ``test_file``: JSONL or Parquet."""
 
     name = "math"
@@ -116,19 +102,11 @@ class MathTask(LocalFileTask):
     display_name = "MATH"
     columns = "'problem' and 'solution' (and optionally 'answer')"
     variants = {"xml": "math_xml", "plain": "math"}
+    question_field = "problem"
+    xml_prefix = XML_FORMAT + XML_INSTRUCTION
 
     def load(self, path) -> list[dict]:
         return load_math(path)
-
-    def prompt_messages(self, example: dict, *, split: str = "train") -> list[dict]:
-        if split != "train":
-            return [{"role": "user", "content": EVAL_SYSTEM_PROMPT + "\n\n" + example["problem"]}]
-        if self.variant == "xml":
-            return [{"role": "user", "content": XML_FORMAT + XML_INSTRUCTION + example["problem"]}]
-        return [{"role": "user", "content": example["problem"] + PLAIN_SUFFIX}]
-
-    def prompt_prefill(self, *, split: str = "train") -> str:
-        return "" if split == "train" else "<reasoning>"
 
     def rewards(self) -> list[WeightedReward]:
         if self.variant == "plain":
@@ -139,12 +117,4 @@ class MathTask(LocalFileTask):
         ]
 
     def eval_metrics(self, completions, examples) -> dict[str, list[float]]:
-        """MATH-500 evaluation: ``is_equiv`` of the last box of the answer text and the gold answer."""
-        acc = []
-        for c, e in zip(completions, examples):
-            try:
-                answer_text, _ = first_answer_text(c)
-                acc.append(float(is_equiv(remove_boxed(last_boxed(answer_text)), e["answer"])))
-            except Exception:
-                acc.append(0.0)
-        return {"accuracy": acc}
+        return {"accuracy": eval_accuracy(completions, examples)}

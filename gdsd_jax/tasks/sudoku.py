@@ -41,7 +41,7 @@ import numpy as np
 
 from gdsd_jax.data.tokenizer import CharTokenizer
 from gdsd_jax.models.config import DenoiserConfig, tiny_llada
-from gdsd_jax.tasks.base import Task, WeightedReward, check_protocol
+from gdsd_jax.tasks.base import GeneratedTask, WeightedReward, per_completion
 from gdsd_jax.tasks.files import DataError, load_rows, official_data_path, shipped_file_main
 from gdsd_jax.tasks.rng import StableRandom
 from gdsd_jax.tasks.text import last_answer_tag
@@ -410,15 +410,10 @@ def cell_score(predicted: str | None, puzzle: str, solution: str) -> float:
     return right / blanks if blanks else 0.0
 
 
-def reward_sudoku(completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
+@per_completion
+def reward_sudoku(text: str, example: dict) -> float:
     """Official Sudoku reward: last ``<answer>``, digits only, pad/truncate to 16, fraction of blanks right."""
-    out = []
-    for text, ex in zip(completions, examples):
-        try:
-            out.append(cell_score(extract_answer_digits(text), ex["puzzle"], ex["solution"]))
-        except Exception:  # total by contract: a malformed example/completion scores 0
-            out.append(0.0)
-    return out
+    return cell_score(extract_answer_digits(text), example["puzzle"], example["solution"])
 
 
 # The official evaluation parser (GDSD ``eval/parse_and_get_acc.py``): the first of these patterns (searched
@@ -494,7 +489,7 @@ def compact_reward(completion_ids: Sequence[int], example: dict) -> float:
         return 0.0
 
 
-class SudokuTask(Task):
+class SudokuTask(GeneratedTask):
     """4x4 Sudoku (see module docstring).
 
     Args:
@@ -510,39 +505,26 @@ class SudokuTask(Task):
     """
 
     name = "sudoku"
-    protocols = ("project", "official")
-    supports_compact = True
     compact_prompt_length = COMPACT_PROMPT_LENGTH
     compact_completion_length = COMPACT_COMPLETION_LENGTH
+    load_file = staticmethod(load_csv)
+    load_official_test = staticmethod(load_official_test)
+    shipped_test_path = staticmethod(shipped_test_path)
+    shipped_validation_path = staticmethod(shipped_validation_path)
 
     def __init__(self, *, train_file=None, test_file=None, validation_file=None, seed: int = 0,
                  train_per_grid: int = 200, hold_out_validation: bool = False, protocol: str = "project"):
-        self.train_file, self.test_file, self.validation_file = train_file, test_file, validation_file
+        super().__init__(train_file=train_file, test_file=test_file, validation_file=validation_file,
+                         protocol=protocol)
         self.seed, self.train_per_grid, self.hold_out_validation = seed, train_per_grid, hold_out_validation
-        self.protocol = check_protocol("SudokuTask protocol", protocol, self.protocols)
-        self._cache: dict[str, list[dict]] = {}
 
     def examples(self, split: str) -> list[dict]:
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"unknown split {split!r}; expected 'train', 'validation' or 'test'")
         if split == "validation" and not (self.validation_file or self.hold_out_validation):
             raise ValueError("the shipped sudoku validation split needs task.kwargs.hold_out_validation=true: "
                              "otherwise its grids are in the train pool (or pass task.kwargs.validation_file)")
-        if split not in self._cache:
-            if split == "train":
-                self._cache[split] = self._train()
-            elif split == "validation":
-                self._cache[split] = load_csv(self.validation_file or shipped_validation_path())
-            else:
-                self._cache[split] = self._test()
-        return self._cache[split]
+        return super().examples(split)
 
-    def _test(self) -> list[dict]:
-        if self.protocol == "official":
-            return load_official_test(self.test_file)
-        return load_csv(self.test_file or shipped_test_path())
-
-    def _train(self) -> list[dict]:
+    def train_examples(self) -> list[dict]:
         """Train examples, none sharing a solution grid with the test set in use."""
         test_grids = {ex["solution"] for ex in self.examples("test")}
         if not self.train_file:
@@ -568,9 +550,6 @@ class SudokuTask(Task):
         else:
             content = f"{EVAL_SYSTEM_PROMPT}\n\nSolve the following Sudoku puzzle: {example['puzzle']}\n"
         return [{"role": "user", "content": content}]
-
-    def prompt_prefill(self, *, split: str = "train") -> str:
-        return "" if split == "train" else "<reasoning>"
 
     def rewards(self) -> list[WeightedReward]:
         return [WeightedReward("sudoku", reward_sudoku)]

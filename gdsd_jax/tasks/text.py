@@ -13,6 +13,16 @@ import re
 #: The XML answer format block of the official training prompts (GSM8K, MATH, Countdown).
 XML_FORMAT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 
+#: The boxed-answer instruction after the question of the official ``gsm8k`` and ``math`` training prompts.
+BOXED_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+#: The system prompt of the official math evaluation (``math_eval``: GSM8K and MATH-500), put before the question.
+MATH_EVAL_PROMPT = (
+    "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the final answer "
+    "in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n"
+    "<answer>\n\\boxed{...}\n</answer>\n"
+)
+
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
