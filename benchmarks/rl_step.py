@@ -5,6 +5,7 @@ Everything is measured in one process, back to back, so that the ratios are fair
 (a) the matmul peak: best of several large fp32 ``jnp.dot`` (2048^3, 4096^3) in GFLOP/s;
 (b) one full RL step (:meth:`gdsd_jax.rl.trainer.RLTrainer.rl_step`) after a warm-up step: generation,
     reward, old/reference scoring, update; tokens/s as the trainer reports it (rows x (Lp + Lg) / step time);
+    with ``--sampling KEY=VALUE ...`` (e.g. ``cache=dual``) also with that rollout sampler, the two alternating;
 (c) the update step alone (the trainer's jitted ``fns.update``, :func:`gdsd_jax.rl.step.update`) repeated
     ``--update-repeats`` times: its model FLOPs (closed form, :func:`update_flops`) / time / peak = MFU;
 (d) ratios: the jitted rollout sampler against the plain per-step loop of the tests (the baseline of
@@ -24,6 +25,7 @@ Usage::
     python benchmarks/rl_step.py                          # everything, default sizes
     python benchmarks/rl_step.py --profile /tmp/prof      # also profile the update step
     python benchmarks/rl_step.py --skip-loop --update-repeats 5
+    python benchmarks/rl_step.py --unroll --step-only --sampling cache=dual   # exact vs dual-cache rollouts
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ import jax.numpy as jnp  # noqa: E402
 # The per-step loop baseline lives with the sampling benchmark (which puts tests/ on the path).
 import sampling_throughput  # noqa: E402
 
+from gdsd_jax.config_io import build, parse_override  # noqa: E402
 from gdsd_jax.distributed.mesh import make_mesh  # noqa: E402
 from gdsd_jax.models.config import DenoiserConfig, tiny_llada  # noqa: E402
 from gdsd_jax.models.denoiser import init_params  # noqa: E402
+from gdsd_jax.objectives.config import objective_config  # noqa: E402
 from gdsd_jax.objectives.types import RolloutBatch  # noqa: E402
 from gdsd_jax.rl.trainer import RLTrainer  # noqa: E402
-from gdsd_jax.sampling import generate_jit  # noqa: E402
+from gdsd_jax.sampling import SamplingConfig, generate_jit  # noqa: E402
 from gdsd_jax.training.config import LoraSection, OptimSection, RLSection, TaskSection, TrainConfig  # noqa: E402
 from gdsd_jax.training.task_adapter import Scores  # noqa: E402
 
@@ -89,14 +93,16 @@ class SyntheticAdapter:
         return Scores(r, {"even": r.copy()}, 0)
 
 
-def train_config(args, **objective) -> TrainConfig:
+def train_config(args, sampling: dict | None = None, **objective) -> TrainConfig:
+    """The benchmark's run config; ``sampling`` replaces rollout settings (e.g. ``{"cache": "dual"}``)."""
     rows = args.prompts * args.group
     return TrainConfig(
         # The trainer gets the synthetic adapter above; the config names a registered task only to validate.
         task=TaskSection(name="sudoku", prompt_length=args.prompt_len),
-        sampling=dict(gen_length=args.gen_len, steps=args.steps, block_length=args.block, temperature=1.0,
-                      remasking="low_confidence"),
-        objective=dict(name="gdsd", **objective),
+        sampling=build(SamplingConfig, dict(gen_length=args.gen_len, steps=args.steps, block_length=args.block,
+                                            temperature=1.0, remasking="low_confidence", **(sampling or {})),
+                       "sampling"),
+        objective=objective_config("gdsd", **objective),
         rl=RLSection(prompts_per_step=args.prompts, num_generations=args.group, num_iterations=1,
                      micro_batch_size=rows, total_steps=100),
         optim=OptimSection(lr=1e-5), lora=LoraSection(enabled=False), tensorboard=False,
@@ -140,6 +146,25 @@ def matmul_peak(sizes=(2048, 4096), repeats: int = 3) -> float:
     return best
 
 
+def step_split(trainer: RLTrainer, state, frozen, examples, rows: int, lg: int):
+    """One RL step of ``trainer``: (new state, row) with its time split (s), total, tokens/s, completion
+    tokens/s, mean reward, rollout forwards per row and the rollout's share of the step."""
+    state, m = trainer.rl_step(state, frozen, examples)
+    split = {k: m[f"time_{k}"] for k in ("generation", "reward", "scoring", "update")}
+    total = sum(split.values())
+    return state, dict(split, total=total, tokens_per_s=m["tokens_per_second"],
+                       completion_tokens_per_s=rows * lg / total, reward_mean=m["reward_mean"],
+                       rollout_nfe=m["rollout_nfe"], rollout_share=m["time_share_rollout"])
+
+
+def print_split(label: str, r: dict) -> None:
+    keys = ("generation", "reward", "scoring", "update")
+    print(f"RL step{label}: " + ", ".join(f"{k} {r[k]:.2f} s ({100 * r[k] / r['total']:.0f}%)" for k in keys)
+          + f"; total {r['total']:.2f} s; {r['tokens_per_s']:.1f} tokens/s "
+          f"({r['completion_tokens_per_s']:.1f} completion tokens/s); rollout NFE {r['rollout_nfe']:.1f}",
+          flush=True)
+
+
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):
@@ -168,6 +193,15 @@ def top_ops(trace_dir: str, n: int = 15) -> list[tuple[str, float, int]]:
     return [(k, v / 1e3, cnt[k]) for k, v in tot.most_common(n)]
 
 
+def finish(res: dict, json_path: str | None) -> int:
+    """Record the load at the end, print it and write the results to ``json_path`` if given."""
+    res["load_end"] = os.getloadavg()
+    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end", flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -189,6 +223,12 @@ def main(argv=None) -> int:
                     help="rows of the sampler-vs-loop comparison (default: the RL step's rows)")
     ap.add_argument("--skip-loop", action="store_true", help="skip the sampler-vs-loop comparison")
     ap.add_argument("--skip-step", action="store_true", help="skip the full RL step (update and scoring only)")
+    ap.add_argument("--sampling", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="rollout sampler settings, e.g. cache=dual: the RL step is then measured with the exact "
+                         "sampler and with this one, alternating (--step-rounds rounds)")
+    ap.add_argument("--step-rounds", type=int, default=1, help="measured RL steps per sampler")
+    ap.add_argument("--step-only", action="store_true",
+                    help="only the RL step (b): skip the update, scoring and sampler-vs-loop measurements")
     ap.add_argument("--profile", default=None, help="write a JAX profile of the update step to this directory")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -222,19 +262,31 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     examples = [{"ids": rng.integers(0, cfg.vocab_size - 2, size=lp)} for _ in range(args.prompts)]
 
-    # (b) one RL step after a warm-up step
+    # (b) RL steps after a warm-up step; with --sampling, the exact and the given rollout sampler alternate
     if not args.skip_step:
-        t0 = time.perf_counter()
-        state, _ = trainer.rl_step(state, frozen, examples)
-        print(f"warm-up RL step (includes compilation): {time.perf_counter() - t0:.1f} s", flush=True)
-        state, m = trainer.rl_step(state, frozen, examples)
-        split = {k: m[f"time_{k}"] for k in ("generation", "reward", "scoring", "update")}
-        total = sum(split.values())
-        res["step"] = dict(split, total=total, tokens_per_s=m["tokens_per_second"],
-                           completion_tokens_per_s=rows * lg / total, reward_mean=m["reward_mean"])
-        print("RL step: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in split.items())
-              + f"; total {total:.2f} s; {m['tokens_per_second']:.1f} tokens/s "
-              f"({rows * lg / total:.1f} completion tokens/s)", flush=True)
+        variants = {"": (trainer, state, frozen)}
+        if args.sampling:
+            overrides = {".".join(path): value for path, value in map(parse_override, args.sampling)}
+            # Its own copy of the weights: the update step donates the state's buffers.
+            fast = RLTrainer(train_config(args, overrides), cfg, jax.tree.map(jnp.copy, params), mesh,
+                             SyntheticAdapter(), task=None)
+            variants[" " + " ".join(args.sampling)] = (fast, *fast.init_state())
+        for label, (tr, st, fr) in variants.items():
+            t0 = time.perf_counter()
+            variants[label] = (tr, tr.rl_step(st, fr, examples)[0], fr)
+            print(f"warm-up RL step{label} (includes compilation): {time.perf_counter() - t0:.1f} s", flush=True)
+        rounds: dict[str, list[dict]] = {label: [] for label in variants}
+        for _ in range(args.step_rounds):
+            for label, (tr, st, fr) in variants.items():
+                st, r = step_split(tr, st, fr, examples, rows, lg)
+                variants[label] = (tr, st, fr)
+                rounds[label].append(r)
+                print_split(label, r)
+        state = variants[""][1]
+        res["step"] = rounds[""][-1]
+        res["steps"] = {label.strip() or "exact": r for label, r in rounds.items()}
+    if args.step_only:
+        return finish(res, args.json)
 
     # inputs of the update step: one rollout
     pid = jnp.asarray(np.repeat(trainer.adapter.encode(examples)[0], args.group, axis=0))
@@ -318,11 +370,7 @@ def main(argv=None) -> int:
         for name, ms, count in ops:
             print(f"  {ms:9.1f} ms  {100 * ms / total_ms:5.1f}%  x{count:<4d} {name}")
 
-    res["load_end"] = os.getloadavg()
-    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
-    return 0
+    return finish(res, args.json)
 
 
 if __name__ == "__main__":
