@@ -152,7 +152,7 @@ def test_selection_picks_the_best_final_test_reward_from_metrics_files(tmp_path)
     chosen, tables = ex_runner.choose(exp, tmp_path, sel)
     assert chosen == {("sudoku", "d1"): {"optim.lr": 3e-4}}
     table = tables[("sudoku", "d1")]
-    assert [r["final_test_reward"] for r in table] == finals
+    assert [r["final_eval_reward"] for r in table] == finals
     assert [r["chosen"] for r in table] == [False, True, False]
 
 
@@ -165,7 +165,7 @@ def test_selection_tie_break_and_unfinished_runs(tmp_path):
     ]
     point, table = ex_report.select_point([(p, r, 10) for p, r in zip(pts, recs)])
     assert point == {"optim.lr": 3e-4}                   # equal final reward: higher last-10 rollout reward
-    assert table[2]["final_test_reward"] is None
+    assert table[2]["final_eval_reward"] is None
     # Exact tie everywhere: the earlier grid point.
     point, _ = ex_report.select_point([(pts[0], recs[0], 10), (pts[1], recs[0], 10)])
     assert point == pts[0]
@@ -240,7 +240,7 @@ def test_write_results_tables_and_pngs(tmp_path):
     ex_spec.warm_start_eval_path(tmp_path, "sudoku").write_text(json.dumps(
         {"validation": {"reward": 0.45, "solved": 0.1}, "test": {"reward": 0.5, "solved": 0.1}}))
     path = ex_report.write_results(exp, tmp_path, chosen, {("sudoku", "gdsd"): [
-        {"point": chosen[("sudoku", "gdsd")], "final_test_reward": 0.6, "tail_reward": 0.5, "chosen": True}]})
+        {"point": chosen[("sudoku", "gdsd")], "final_eval_reward": 0.6, "tail_reward": 0.5, "chosen": True}]})
     text = path.read_text()
     assert (tmp_path / "curves_sudoku.png").stat().st_size > 1000
     final = text.split("## Final greedy test reward")[1].splitlines()

@@ -78,14 +78,15 @@ def select_point(candidates: Sequence[tuple[dict, list[dict], int]]) -> tuple[di
 
     Best = the highest final greedy reward on the run's eval split (validation for selection runs); ties go to the higher mean rollout reward over the last
     ``TAIL`` steps, then to the earlier candidate. Returns ``(point, table)`` where ``table`` lists every
-    candidate's numbers (``chosen`` marks the pick), or None if no candidate has a final test reward.
+    candidate's numbers (``final_eval_reward`` on the run's eval split, ``chosen`` marks the pick), or None
+    if no candidate has a final eval reward.
     """
     table = []
     best, best_key = None, None
     for i, (point, records, total) in enumerate(candidates):
         ftr = final_test_reward(records, total)
         tail = tail_reward(records)
-        table.append({"point": point, "final_test_reward": ftr, "tail_reward": tail, "chosen": False})
+        table.append({"point": point, "final_eval_reward": ftr, "tail_reward": tail, "chosen": False})
         if ftr is None:
             continue
         key = (ftr, -math.inf if tail is None else tail, -i)
@@ -307,7 +308,7 @@ def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, onl
             if t != task:
                 continue
             for row in table:
-                ftr = "–" if row["final_test_reward"] is None else f"{row['final_test_reward']:.3f}"
+                ftr = "–" if row["final_eval_reward"] is None else f"{row['final_eval_reward']:.3f}"
                 tail = "–" if row["tail_reward"] is None else f"{row['tail_reward']:.3f}"
                 lines.append(f"| {m} | {point_tag(row['point'])} | {ftr} | {tail} | {'**yes**' if row['chosen'] else ''} |")
         lines.append("")
