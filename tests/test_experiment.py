@@ -140,7 +140,7 @@ def _write_run(d: Path, test: dict[int, float], rollout: list[float], wall: floa
     (d / "done.json").write_text(json.dumps({"wall_time_s": wall}))
 
 
-def test_selection_picks_the_best_final_test_reward_from_metrics_files(tmp_path):
+def test_selection_picks_the_best_final_eval_reward_from_metrics_files(tmp_path):
     exp = ex_spec.parse_experiment(_exp_dict())
     sel = [s for s in ex_spec.selection_runs(exp) if s.group == "sudoku/d1"]
     # final (step 10) test rewards 0.40, 0.55, 0.50; the 1e-4 run has the highest *peak* (0.7 at step 5),

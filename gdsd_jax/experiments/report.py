@@ -84,12 +84,12 @@ def select_point(candidates: Sequence[tuple[dict, list[dict], int]]) -> tuple[di
     table = []
     best, best_key = None, None
     for i, (point, records, total) in enumerate(candidates):
-        ftr = final_test_reward(records, total)
+        final_eval = final_test_reward(records, total)
         tail = tail_reward(records)
-        table.append({"point": point, "final_eval_reward": ftr, "tail_reward": tail, "chosen": False})
-        if ftr is None:
+        table.append({"point": point, "final_eval_reward": final_eval, "tail_reward": tail, "chosen": False})
+        if final_eval is None:
             continue
-        key = (ftr, -math.inf if tail is None else tail, -i)
+        key = (final_eval, -math.inf if tail is None else tail, -i)
         if best_key is None or key > best_key:
             best, best_key = i, key
     if best is None:
@@ -308,9 +308,9 @@ def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, onl
             if t != task:
                 continue
             for row in table:
-                ftr = "–" if row["final_eval_reward"] is None else f"{row['final_eval_reward']:.3f}"
+                final_eval = "–" if row["final_eval_reward"] is None else f"{row['final_eval_reward']:.3f}"
                 tail = "–" if row["tail_reward"] is None else f"{row['tail_reward']:.3f}"
-                lines.append(f"| {m} | {point_tag(row['point'])} | {ftr} | {tail} | {'**yes**' if row['chosen'] else ''} |")
+                lines.append(f"| {m} | {point_tag(row['point'])} | {final_eval} | {tail} | {'**yes**' if row['chosen'] else ''} |")
         lines.append("")
     # Main results
     stats: dict = {}
