@@ -3,7 +3,8 @@
 For each trained run (a ``gdsd-jax train`` output directory) the policy of one saved step is decoded on the
 run's evaluation set (``eval.split``, the project protocol, the run's own prompt format and its greedy
 evaluation settings: ``sampling`` merged with ``eval.sampling``), once with the exact sampler and once per
-(``threshold``, ``cache``) setting. Reported per setting:
+(parallel-decoding rule, ``cache``) setting, the rule a ``threshold`` or Fast-dLLM's ``factor``. Reported per
+setting:
 
 * ``test_reward`` / ``accuracy``: the project's evaluation (:func:`gdsd_jax.training.evaluate.evaluate`, the
   function the trainer's test evaluations call);
@@ -19,6 +20,7 @@ Usage::
 
     python benchmarks/threshold_decoding.py --runs RUN_SUDOKU RUN_COUNTDOWN --step 200
     python benchmarks/threshold_decoding.py --runs RUN --step 200 --thresholds 0.9 --caches none dual
+    python benchmarks/threshold_decoding.py --runs RUN --step 200 --thresholds --factors 0.3 1.0 --caches none
 """
 
 from __future__ import annotations
@@ -84,18 +86,27 @@ def decode_cost(params, model_cfg, adapter, examples, scfg: SamplingConfig, batc
             min(walls), min(cpus), compile_s)
 
 
-def settings(base: SamplingConfig, thresholds: list[float], caches: list[str],
+def settings(base: SamplingConfig, thresholds: list[float], factors: list[float], caches: list[str],
              refresh: int | None = None) -> list[SamplingConfig]:
-    """The exact sampler, then every (threshold, cache) pair other than (None, "none"); cached settings
-    refresh their cache every ``refresh`` steps of a block."""
+    """The exact sampler, then every (rule, cache) pair other than (no rule, "none"), the rules being no
+    parallel decoding, each threshold, each factor; cached settings refresh their cache every ``refresh``
+    steps of a block."""
+    rules = [{}] + [{"threshold": t} for t in thresholds] + [{"factor": f} for f in factors]
     out = [base]
-    for threshold in [None, *thresholds]:
+    for rule in rules:
         for cache in caches:
-            if threshold is None and cache == "none":
+            if not rule and cache == "none":
                 continue
-            out.append(base.replace(threshold=threshold, cache=cache,
+            out.append(base.replace(**{"threshold": None, "factor": None, **rule}, cache=cache,
                                     cache_refresh_every=None if cache == "none" else refresh))
     return out
+
+
+def rule_name(scfg: SamplingConfig) -> str:
+    """``"exact"``, ``"threshold 0.9"`` or ``"factor 1.0"``."""
+    if scfg.threshold is not None:
+        return f"threshold {scfg.threshold}"
+    return f"factor {scfg.factor}" if scfg.factor is not None else "exact"
 
 
 def run_one(run: str, step: int | None, args) -> list[dict]:
@@ -116,7 +127,7 @@ def run_one(run: str, step: int | None, args) -> list[dict]:
           f"gen_length {base.gen_length}, steps {base.steps}, block_length {base.block_length}, "
           f"temperature {base.temperature}, ban_mask_token {base.ban_mask_token}", flush=True)
     rows = []
-    for scfg in settings(base, args.thresholds, args.caches, args.cache_refresh_every):
+    for scfg in settings(base, args.thresholds, args.factors, args.caches, args.cache_refresh_every):
         w0 = time.perf_counter()
         res = evaluate(params, model_cfg, eval_adapter, examples, scfg, mesh, batch_size=batch_size)
         eval_s = time.perf_counter() - w0
@@ -127,7 +138,8 @@ def run_one(run: str, step: int | None, args) -> list[dict]:
             raise RuntimeError(f"{run}: the timing pass of {scfg} did not reproduce the evaluated completions")
         row = {"run": Path(run).name, "step": step, "task": task.name, "examples": len(examples),
                "gen_length": base.gen_length, "steps": base.steps, "block_length": base.block_length,
-               "ban_mask_token": base.ban_mask_token, "threshold": scfg.threshold, "cache": scfg.cache,
+               "ban_mask_token": base.ban_mask_token, "rule": rule_name(scfg), "threshold": scfg.threshold,
+               "factor": scfg.factor, "cache": scfg.cache,
                "cache_refresh_every": scfg.cache_refresh_every,
                "test_reward": round(res.mean_reward, 4), "accuracy": round(res.accuracy, 4),
                "nfe": round(nfe, 3), "positions": round(positions, 1),
@@ -144,7 +156,7 @@ def run_one(run: str, step: int | None, args) -> list[dict]:
 
 
 def table_cells(r: dict) -> list:
-    return [r["run"], r["threshold"] if r["threshold"] is not None else "exact", r["cache"],
+    return [r["run"], r["rule"], r["cache"],
             f"{r['test_reward']:.4f} ({r['reward_delta']:+.4f})", f"{r['accuracy']:.4f}",
             f"{r['nfe']:.2f} ({r['nfe_ratio']}x)", f"{r['positions']:.1f} ({r['positions_ratio']}x)",
             f"{r['gen_s']:.2f}", f"{r['gen_cpu_s']:.2f}"]
@@ -154,7 +166,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True, help="gdsd-jax train output directories")
     ap.add_argument("--step", type=int, default=None, help="saved step of every run (default: the latest)")
-    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.7, 0.8, 0.9, 0.95])
+    ap.add_argument("--thresholds", nargs="*", type=float, default=[0.7, 0.8, 0.9, 0.95])
+    ap.add_argument("--factors", nargs="*", type=float, default=[],
+                    help="Fast-dLLM factor rules to try as well (rank i must reach 1 - factor / (i + 1))")
     ap.add_argument("--caches", nargs="+", default=["none", "prefix", "dual"], choices=["none", "prefix", "dual"])
     ap.add_argument("--cache-refresh-every", type=int, default=None,
                     help="cached settings recompute the cache every k steps of a block (default: once per block)")
@@ -168,7 +182,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(machine_line(), flush=True)
     rows = [row for run in args.runs for row in run_one(run, args.step, args)]
-    print_table(["run", "threshold", "cache", "test reward (delta)", "accuracy",
+    print_table(["run", "rule", "cache", "test reward (delta)", "accuracy",
                  "forwards / completion (exact / this)", "positions / completion", "generation wall s", "CPU s"],
                 [table_cells(r) for r in rows])
     save_rows(args.json, rows)

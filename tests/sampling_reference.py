@@ -223,14 +223,16 @@ def dream_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.nda
 
 
 def threshold_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np.ndarray | None, *, mask_id: int,
-                        gen_length: int, block_length: int, threshold: float,
-                        ban_mask_token: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                        gen_length: int, block_length: int, threshold: float | None = None,
+                        factor: float | None = None, ban_mask_token: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fast-dLLM's confidence-aware parallel decoding, greedy, a full forward every step (both families: the
     confidence is the probability of the argmax token). Returns (x [B, Lp + Lg], forwards per row [B]).
 
     Per block and row: while the row's block has a mask, reveal every masked position whose confidence is
-    >= threshold and at least the most confident one (ties: lower position); a row whose block is done
-    waits (no forward counted) for the others. A block gets at most ``block_length`` steps: a revealed mask id
+    >= threshold and at least the most confident one (ties: lower position); or, with ``factor``, walk the
+    masked positions from the most confident down and reveal the first, then each next one whose
+    confidence is >= 1 - factor / (rank + 1) (rank 1-based), stopping at the first that is not. A row whose
+    block is done waits (no forward counted) for the others. A block gets at most ``block_length`` steps: a revealed mask id
     (the mask token is an ordinary outcome unless ``ban_mask_token``) leaves its position masked, so a row
     may end a block with masks left.
     """
@@ -252,9 +254,16 @@ def threshold_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np
                 if len(cand) == 0:
                     continue
                 nfe[r] += 1
-                reveal = [j for j in cand if conf[r, j] >= threshold]
-                best = cand[np.argmax(conf[r, cand])]
-                for j in set(reveal) | {best}:
+                if factor is None:
+                    reveal = [j for j in cand if conf[r, j] >= threshold]
+                    reveal = set(reveal) | {cand[np.argmax(conf[r, cand])]}
+                else:
+                    ranked = sorted(cand, key=lambda j: (-conf[r, j], j))
+                    n = 1
+                    while n < len(ranked) and conf[r, ranked[n]] >= 1.0 - factor / (n + 2):
+                        n += 1
+                    reveal = ranked[:n]
+                for j in reveal:
                     x[r, s0 + j] = x0[r, j]
     return x, nfe
 

@@ -1,6 +1,6 @@
-"""Fast block-wise decoding (``cache``, ``cache_refresh_every``, ``threshold``) of both samplers: a cache
-refreshed at every step is the exact sampler, threshold decoding follows a NumPy per-step reference, settings
-are validated at config time."""
+"""Fast block-wise decoding (``cache``, ``cache_refresh_every``, ``threshold``, ``factor``) of both samplers: a
+cache refreshed at every step is the exact sampler, threshold and factor decoding follow a NumPy per-step
+reference, settings are validated at config time."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sampling_reference import jax_logits_fn, random_params, threshold_reference
 
 from gdsd_jax.models.config import tiny_dream, tiny_llada
 from gdsd_jax.sampling import SamplingConfig, generate_jit
+from gdsd_jax.sampling.common import select_by_factor
 
 B, LP, LG = 3, 6, 12
 PAD = {0: 3, 2: 1}
@@ -94,6 +95,34 @@ def test_threshold_matches_reference(models, name, threshold, ban):
 
 
 @pytest.mark.parametrize("name", ["llada", "dream"])
+@pytest.mark.parametrize("factor", [0.5, 1.0, 2.0])
+def test_factor_rule_matches_reference(models, name, factor):
+    cfg, params, ids, mask = models[name]
+    ref, ref_nfe = threshold_reference(jax_logits_fn(params, cfg), ids, mask, mask_id=cfg.mask_token_id,
+                                       gen_length=LG, block_length=4, factor=factor, ban_mask_token=True)
+    scfg = SamplingConfig(gen_length=LG, steps=3, block_length=4, factor=factor, ban_mask_token=True)
+    out = _run(models[name], scfg)
+    np.testing.assert_array_equal(out.sequences, ref)
+    np.testing.assert_array_equal(out.nfe, ref_nfe)
+    if factor == 2.0:           # the second bar is 1/3: several tokens per step somewhere
+        assert out.nfe.min() < LG
+
+
+def test_factor_rule_by_hand():
+    """factor 1: rank 2 needs >= 2/3, rank 3 >= 3/4, rank 4 >= 4/5; the run stops at the first miss."""
+    scores = jnp.asarray([[0.9, 0.8, 0.7, 0.99],     # ranks 0.99, 0.9, 0.8 clear 2/3, 3/4; 0.7 < 4/5
+                          [0.5, 0.1, 0.2, 0.3],      # only the forced first: 0.3 < 2/3
+                          [0.9, 0.8, 0.1, 0.95],     # upstream's loop reveals all when only the last misses
+                          [0.9, 0.9, 0.9, 0.9]])     # ties: every rank clears its bar
+    masked = jnp.asarray([[True, True, True, True], [True, True, True, True],
+                          [True, True, True, True], [True, False, False, True]])
+    got = np.asarray(select_by_factor(scores, masked, 1.0))
+    np.testing.assert_array_equal(got, [[True, True, False, True], [True, False, False, False],
+                                        [True, True, False, True], [True, False, False, True]])
+    assert not np.asarray(select_by_factor(scores, jnp.zeros_like(masked), 1.0)).any()
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
 def test_unreachable_threshold_reveals_one_token_per_step(models, name):
     # The mask token banned: a drawn mask id would reveal nothing at its step.
     scfg = SamplingConfig(gen_length=LG, steps=LG, block_length=4, threshold=1.0, return_unmask_step=True,
@@ -119,6 +148,10 @@ def test_unreachable_threshold_reveals_one_token_per_step(models, name):
     ({"threshold": 1.5}, "threshold"),
     ({"threshold": 0.9, "remasking": "random"}, "threshold"),
     ({"threshold": 0.9, "alg_temp": 0.5}, "threshold"),
+    ({"factor": 0.0}, "factor"),
+    ({"factor": 1.0, "threshold": 0.9}, "factor"),
+    ({"factor": 1.0, "remasking": "random"}, "factor"),
+    ({"factor": 1.0, "alg_temp": 0.5}, "factor"),
     ({"cache": "prefix", "cfg_scale": 1.0}, "cfg_scale"),
     ({"cache": "dual", "block_length": 5}, "gen_length"),
 ])

@@ -100,6 +100,11 @@ def test_fast_decoding_options_reach_the_samplers():
     assert (evaluation.cache, evaluation.threshold) == ("dual", 0.9)
     with pytest.raises(ConfigError, match=r"sampling: SamplingConfig\.threshold=1\.5"):
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["sampling.threshold=1.5"]).validate()
+    cfg = load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["sampling.factor=0.5"]).validate()
+    assert (cfg.sampling.factor, cfg.sampling.blockwise, cfg.eval_sampling_config().factor) == (0.5, True, 0.5)
+    with pytest.raises(ConfigError, match=r"sampling: SamplingConfig\.factor=0\.5: expected None when threshold"):
+        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml",
+                    ["sampling.factor=0.5", "sampling.threshold=0.9"]).validate()
 
 
 def test_overrides_parse_yaml_values():

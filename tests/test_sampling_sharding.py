@@ -17,11 +17,11 @@ SETTINGS = {
     "llada": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, return_unmask_step=True),
     "dream": SamplingConfig(gen_length=12, steps=6, alg="entropy", temperature=1.0, top_p=0.95,
                             return_unmask_step=True),
-    # Fast decoding: the KV cache (sharded like the activations) and the per-row threshold loop.
+    # Fast decoding: the KV cache (sharded like the activations) and the per-row threshold / factor loop.
     "llada_fast": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, cache="prefix",
                                  threshold=0.3, return_unmask_step=True),
     "dream_fast": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, cache="dual",
-                                 threshold=0.3, return_unmask_step=True),
+                                 factor=2.0, return_unmask_step=True),
 }
 
 

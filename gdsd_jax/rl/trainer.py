@@ -305,7 +305,7 @@ class RLTrainer:
         total = sum(timings.values())
         metrics.update(timings)
         metrics["tokens_per_second"] = float(rewards.shape[0] * ro.batch.sequences.shape[1] / max(total, 1e-9))
-        # Rollout cost: model forwards per completion (fewer with a threshold), generated tokens per second
+        # Rollout cost: model forwards per completion (fewer with parallel decoding), generated tokens per second
         # and the rollout's share of the step time (see docs/sampling.md, fast decoding).
         metrics["rollout_nfe"] = float(ro.nfe.mean())
         metrics["tokens_per_second_rollout"] = float(

@@ -8,8 +8,8 @@ Usage::
                        SamplingConfig(gen_length=256, steps=128, block_length=32, temperature=1.0))
     out.sequences, out.completion_mask
 
-``cache="prefix"|"dual"`` and ``threshold=...`` switch on Fast-dLLM's block KV cache and confidence-aware
-parallel decoding (:mod:`gdsd_jax.sampling.blockwise`); ``out.nfe`` counts the model forwards per row.
+``cache="prefix"|"dual"`` and ``threshold=...`` (or ``factor=...``) switch on Fast-dLLM's block KV cache and
+confidence-aware parallel decoding (:mod:`gdsd_jax.sampling.blockwise`); ``out.nfe`` counts the model forwards per row.
 
 See ``docs/sampling.md`` for the algorithms and where they differ from the upstream PyTorch code.
 """

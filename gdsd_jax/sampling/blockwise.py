@@ -7,7 +7,7 @@ Blocks of ``block_length`` positions are decoded left to right. Inside a block, 
    block's first step and every ``cache_refresh_every`` steps, also refreshing the keys/values of every
    position), or a cached forward over a window (``prefix``: the block and the suffix after it; ``dual``: the
    block only) attending to the cached keys/values of every other position;
-2. hands them to the sampler's step function (its token proposal and schedule or threshold rule), which
+2. hands them to the sampler's step function (its token proposal and schedule, or its threshold / factor rule), which
    says which masked positions of the block to reveal and with what.
 
 The block loop is a ``lax.while_loop`` bounded by ``max_steps_per_block`` that stops once no row has a

@@ -33,7 +33,7 @@ class SampleOutput(NamedTuple):
         the position still holds the mask token, which only a sampled mask id leaves), or all -1 when
         ``return_unmask_step`` is off.
       nfe: int32 [B], model forwards the row needed (NFE; a guided step counts two). Rows of a batch that
-        finish a block early (``threshold``) stop counting while the others go on.
+        finish a block early (``threshold`` / ``factor``) stop counting while the others go on.
       tokens_processed: int32 [B], positions the row ran through the layers over those forwards (the
         sequence length for a full forward, the window for a cached one).
     """
@@ -147,6 +147,32 @@ def select_above(scores: jax.Array, masked: jax.Array, threshold: float) -> jax.
     a row without a masked position."""
     scores = jnp.where(masked, scores, NEG_INF)
     return masked & ((scores >= jnp.float32(threshold)) | select_top(scores, 1))
+
+
+def select_by_factor(scores: jax.Array, masked: jax.Array, factor: float) -> jax.Array:
+    """Boolean [B, P]: Fast-dLLM's factor rule. The ``n`` highest-scoring ``masked`` positions, ``n`` the
+    largest count for which the ``i``-th highest score is ``>= 1 - factor / (i + 1)`` for every ``i <= n``;
+    at least one (ties: lower position); nothing in a row without a masked position.
+
+    Scores fall and the bar rises with ``i``, so the rule is the leading run of ranks that clear their bar.
+    (Upstream's loop also reveals the last masked position when it is the only one to miss its bar; that
+    edge is not reproduced, see docs/sampling.md.)
+    """
+    scores = jnp.where(masked, scores, NEG_INF)
+    ranked = -jnp.sort(-scores, axis=-1)                                     # [B, P], descending
+    rank = jnp.arange(1, scores.shape[-1] + 1, dtype=jnp.float32)
+    clears = (ranked >= 1.0 - jnp.float32(factor) / (rank + 1.0)) | (rank == 1)
+    n = jnp.sum(jnp.cumprod(clears.astype(jnp.int32), axis=-1), axis=-1, keepdims=True)   # [B, 1]
+    return masked & select_top(scores, n)
+
+
+def select_parallel(scores: jax.Array, masked: jax.Array, threshold: float | None,
+                    factor: float | None) -> jax.Array:
+    """Boolean [B, P]: the positions one parallel-decoding step reveals, by ``threshold`` or by ``factor``
+    (exactly one of them is set)."""
+    if threshold is not None:
+        return select_above(scores, masked, threshold)
+    return select_by_factor(scores, masked, factor)
 
 
 def select_top(scores: jax.Array, k: jax.Array) -> jax.Array:

@@ -71,6 +71,11 @@ class SamplingConfig:
         whose confidence (probability of its sampled token) is ``>= threshold``, and at least the most
         confident one; a block ends when no mask is left (at most ``block_length`` steps per block).
         ``None`` keeps the fixed schedule of ``steps``.
+      factor: Fast-dLLM's factor rule instead of a fixed threshold: each step reveals the ``n`` most
+        confident masked positions of the block, ``n`` the largest count for which the ``i``-th most
+        confident has confidence ``>= 1 - factor / (i + 1)`` for every ``i <= n`` (always at least one).
+        The bar rises with ``n``: the more tokens revealed together, the surer each must be. Blocks end
+        as with ``threshold``; at most one of the two is set.
     """
 
     gen_length: int = ranged(256, gt=0)
@@ -93,6 +98,7 @@ class SamplingConfig:
     cache: str = "none"
     cache_refresh_every: int | None = ranged(None, ge=1, why="None: once per block")
     threshold: float | None = ranged(None, gt=0, le=1)
+    factor: float | None = ranged(None, gt=0)
     ban_mask_token: bool = False
 
     def __post_init__(self):
@@ -112,24 +118,33 @@ class SamplingConfig:
             fail("cache", f"one of {CACHES}")
         if self.cache_refresh_every is not None and self.cache == "none":
             fail("cache_refresh_every", "None when cache='none' (there is no cache to refresh)")
-        if self.threshold is not None:
+        if self.threshold is not None and self.factor is not None:
+            fail("factor", f"None when threshold={self.threshold!r} is set (one parallel-decoding rule at a time)")
+        for name in ("threshold", "factor"):
+            if getattr(self, name) is None:
+                continue
             if self.remasking != "low_confidence":
-                fail("threshold", "None with remasking='random' (a threshold needs a confidence)")
+                fail(name, f"None with remasking='random' (a {name} rule needs a confidence)")
             if self.alg_temp:
-                fail("threshold", "None with alg_temp > 0 (a threshold reveals by confidence, not by a draw)")
+                fail(name, f"None with alg_temp > 0 (a {name} rule reveals by confidence, not by a draw)")
         if self.blockwise and self.cfg_scale > 0:
-            fail("cfg_scale", f"0 with cache={self.cache!r} / threshold={self.threshold!r} (classifier-free "
-                              "guidance is only supported by the exact samplers)")
+            fail("cfg_scale", f"0 with cache={self.cache!r} / threshold={self.threshold!r} / factor={self.factor!r} "
+                              "(classifier-free guidance is only supported by the exact samplers)")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether confidence decides how many positions a step reveals (``threshold`` or ``factor`` set)."""
+        return self.threshold is not None or self.factor is not None
 
     @property
     def blockwise(self) -> bool:
-        """Whether the fast block-wise decoder runs (a cache or a confidence threshold is set)."""
-        return self.cache != "none" or self.threshold is not None
+        """Whether the fast block-wise decoder runs (a cache or a parallel-decoding rule is set)."""
+        return self.cache != "none" or self.parallel
 
     @property
     def max_steps_per_block(self) -> int:
-        """Loop bound of one block: ``block_length`` with a threshold, else ``steps_per_block``."""
-        return self.llada_block_length if self.threshold is not None else self.steps_per_block
+        """Loop bound of one block: ``block_length`` with parallel decoding, else ``steps_per_block``."""
+        return self.llada_block_length if self.parallel else self.steps_per_block
 
     # ---- block layout (LLaDA, and both samplers when decoding fast) ------------------------------------------------------------------------
     @property

@@ -32,7 +32,7 @@ from gdsd_jax.sampling.common import (
     ban_mask_token,
     gumbel_argmax,
     initial_canvas,
-    select_above,
+    select_parallel,
     select_top,
     top_k_filter,
     top_p_filter,
@@ -81,7 +81,7 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     """Run the Dream sampler. prompt_ids [B, Lp] int32, prompt_mask [B, Lp] or None.
 
     Returns ``(sequences [B, Lp + Lg], unmask_step [B, Lg], nfe [B], tokens_processed [B])``, int32. A cache
-    or a threshold runs the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's
+    or parallel decoding (``threshold`` / ``factor``) runs the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's
     step, Dream's schedule applied per block of ``block_length`` (``None``: one block, upstream's schedule).
     """
     bsz, lp = prompt_ids.shape
@@ -92,8 +92,8 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     steps = cfg.steps_per_block if cfg.blockwise else cfg.steps
     table = jnp.asarray(dream_transfer_fractions(steps, cfg.eps))
     greedy_select = cfg.alg_temp is None or cfg.alg_temp == 0
-    # With a threshold, positions are revealed by the probability of their sampled token (Fast-dLLM).
-    confidence = "prob" if cfg.threshold is not None else _CONFIDENCE[cfg.alg]
+    # With parallel decoding, positions are revealed by the probability of their sampled token (Fast-dLLM).
+    confidence = "prob" if cfg.parallel else _CONFIDENCE[cfg.alg]
 
     x, am = initial_canvas(prompt_ids, prompt_mask, lg, mask_id, mesh)
 
@@ -103,8 +103,8 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
         logits = ban_mask_token(logits, mask_id, cfg)
         conf, x0 = sample_tokens(logits, k_tok, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                  confidence=confidence)
-        if cfg.threshold is not None:
-            return x0, select_above(conf, masked, cfg.threshold)
+        if cfg.parallel:
+            return x0, select_parallel(conf, masked, cfg.threshold, cfg.factor)
         if cfg.alg == "origin":
             return x0, masked & (jax.random.uniform(k_sel, masked.shape, jnp.float32) < table[i])
         scores = jnp.where(masked, conf, NEG_INF)

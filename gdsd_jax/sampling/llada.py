@@ -32,7 +32,7 @@ from gdsd_jax.sampling.common import (
     gumbel_argmax,
     initial_canvas,
     log_prob_of,
-    select_above,
+    select_parallel,
     select_top,
     set_columns,
 )
@@ -47,9 +47,9 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     """Run the LLaDA sampler. prompt_ids [B, Lp] int32, prompt_mask [B, Lp] or None.
 
     Returns ``(sequences [B, Lp + Lg], unmask_step [B, Lg], nfe [B], tokens_processed [B])``, int32;
-    ``unmask_step`` is the global step (``block * steps_per_block + i``; with a threshold
-    ``block * block_length + i``) at which each completion token was revealed. A cache or a threshold runs
-    the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's step.
+    ``unmask_step`` is the global step (``block * steps_per_block + i``; with parallel
+    decoding ``block * block_length + i``) at which each completion token was revealed. A cache or parallel
+    decoding (``threshold`` / ``factor``) runs the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's step.
     """
     cfg.check_blocks()
     bsz, lp = prompt_ids.shape
@@ -73,8 +73,8 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
             conf = jnp.exp(log_prob_of(conf_logits, x0))                 # un-tempered p(x0), float32
         else:
             conf = jax.random.uniform(k_conf, (bsz, blk), jnp.float32)
-        if cfg.threshold is not None:
-            return x0, select_above(conf, masked, cfg.threshold)
+        if cfg.parallel:
+            return x0, select_parallel(conf, masked, cfg.threshold, cfg.factor)
         return x0, select_top(jnp.where(masked, conf, NEG_INF), counts[i]) & masked
 
     if cfg.blockwise:
