@@ -112,7 +112,8 @@ def rule_name(scfg: SamplingConfig) -> str:
 def run_one(run: str, step: int | None, args) -> list[dict]:
     cfg = build(TrainConfig, run_config(run))
     mesh = build_mesh(cfg)
-    model = load_denoiser(run, mesh=mesh, step=step)
+    # --policy: other weights (e.g. the run's cached SFT warm start) decoded with this run's settings.
+    model = load_denoiser(args.policy, mesh=mesh) if args.policy else load_denoiser(run, mesh=mesh, step=step)
     params, model_cfg = model.params(), model.config
     task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg)
     eval_adapter = build_eval_adapter(cfg, task, adapter, model_cfg, tokenizer)
@@ -123,7 +124,8 @@ def run_one(run: str, step: int | None, args) -> list[dict]:
         base = base.replace(block_length=args.block_length)
     if args.sampling:
         base = base.replace(**{".".join(path): value for path, value in map(parse_override, args.sampling)})
-    print(f"# {run} step {step}: task {task.name} ({cfg.task.format}), {len(examples)} {cfg.eval.split} examples, "
+    weights = f"policy {args.policy}" if args.policy else f"step {step}"
+    print(f"# {run} {weights}: task {task.name} ({cfg.task.format}), {len(examples)} {cfg.eval.split} examples, "
           f"gen_length {base.gen_length}, steps {base.steps}, block_length {base.block_length}, "
           f"temperature {base.temperature}, ban_mask_token {base.ban_mask_token}", flush=True)
     rows = []
@@ -136,7 +138,8 @@ def run_one(run: str, step: int | None, args) -> list[dict]:
         scored = np.asarray([r["completion_ids"] for r in res.records])
         if not np.array_equal(scored, comps):
             raise RuntimeError(f"{run}: the timing pass of {scfg} did not reproduce the evaluated completions")
-        row = {"run": Path(run).name, "step": step, "task": task.name, "examples": len(examples),
+        row = {"run": Path(run).name, "step": None if args.policy else step, "policy": args.policy,
+               "task": task.name, "examples": len(examples),
                "gen_length": base.gen_length, "steps": base.steps, "block_length": base.block_length,
                "ban_mask_token": base.ban_mask_token, "rule": rule_name(scfg), "threshold": scfg.threshold,
                "factor": scfg.factor, "cache": scfg.cache,
@@ -166,6 +169,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True, help="gdsd-jax train output directories")
     ap.add_argument("--step", type=int, default=None, help="saved step of every run (default: the latest)")
+    ap.add_argument("--policy", default=None,
+                    help="a params checkpoint to decode instead of the runs' own weights (e.g. a run's SFT warm "
+                         "start under .cache/warm_starts), with the runs' task and evaluation settings")
     ap.add_argument("--thresholds", nargs="*", type=float, default=[0.7, 0.8, 0.9, 0.95])
     ap.add_argument("--factors", nargs="*", type=float, default=[],
                     help="Fast-dLLM factor rules to try as well (rank i must reach 1 - factor / (i + 1))")
