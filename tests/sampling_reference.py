@@ -232,9 +232,9 @@ def threshold_reference(logits_fn: LogitsFn, prompt: np.ndarray, prompt_mask: np
     >= threshold and at least the most confident one (ties: lower position); or, with ``factor``, walk the
     masked positions from the most confident down and reveal the first, then each next one whose
     confidence is >= 1 - factor / (rank + 1) (rank 1-based), stopping at the first that is not. A row whose
-    block is done waits (no forward counted) for the others. A block gets at most ``block_length`` steps: a revealed mask id
-    (the mask token is an ordinary outcome unless ``ban_mask_token``) leaves its position masked, so a row
-    may end a block with masks left.
+    block is done waits (no forward counted) for the others. A block gets at most ``block_length`` steps: a
+    revealed mask id (the mask token is an ordinary outcome unless ``ban_mask_token``) leaves its position
+    masked, so a row may end a block with masks left.
     """
     b, lp = prompt.shape
     x, am = _initial(prompt, prompt_mask, mask_id, gen_length)

@@ -112,7 +112,7 @@ def test_factor_rule_by_hand():
     """factor 1: rank 2 needs >= 2/3, rank 3 >= 3/4, rank 4 >= 4/5; the run stops at the first miss."""
     scores = jnp.asarray([[0.9, 0.8, 0.7, 0.99],     # ranks 0.99, 0.9, 0.8 clear 2/3, 3/4; 0.7 < 4/5
                           [0.5, 0.1, 0.2, 0.3],      # only the forced first: 0.3 < 2/3
-                          [0.9, 0.8, 0.1, 0.95],     # upstream's loop reveals all when only the last misses
+                          [0.9, 0.8, 0.1, 0.95],     # only the last misses: upstream would reveal it too
                           [0.9, 0.9, 0.9, 0.9]])     # ties: every rank clears its bar
     masked = jnp.asarray([[True, True, True, True], [True, True, True, True],
                           [True, True, True, True], [True, False, False, True]])

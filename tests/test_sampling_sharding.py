@@ -21,7 +21,9 @@ SETTINGS = {
     "llada_fast": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, cache="prefix",
                                  threshold=0.3, return_unmask_step=True),
     "dream_fast": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, cache="dual",
-                                 factor=2.0, return_unmask_step=True),
+                                 threshold=0.3, return_unmask_step=True),
+    "dream_factor": SamplingConfig(gen_length=12, steps=6, block_length=4, temperature=1.0, cache="dual",
+                                   factor=2.0, return_unmask_step=True),
 }
 
 
@@ -30,9 +32,9 @@ def cases():
     out = {}
     rng = np.random.default_rng(0)
     for name, mk in (("llada", tiny_llada), ("dream", tiny_dream), ("llada_fast", tiny_llada),
-                     ("dream_fast", tiny_dream)):
+                     ("dream_fast", tiny_dream), ("dream_factor", tiny_dream)):
         cfg = mk()
-        params = random_params(cfg, seed=8, std=1.0 if name.endswith("fast") else 0.3)
+        params = random_params(cfg, seed=8, std=1.0 if name.endswith(("fast", "factor")) else 0.3)
         ids = rng.integers(0, 240, size=(8, 6)).astype(np.int32)
         mask = np.ones_like(ids)
         ids[[1, 6], :3], mask[[1, 6], :3] = cfg.pad_token_id, 0
@@ -42,7 +44,7 @@ def cases():
 
 
 @pytest.mark.parametrize("name,axes", [("llada", (8, 1, 1)), ("dream", (2, 2, 2)), ("llada_fast", (4, 1, 2)),
-                                       ("dream_fast", (2, 2, 2))])
+                                       ("dream_fast", (2, 2, 2)), ("dream_factor", (2, 2, 2))])
 def test_sharded_equals_unsharded(cases, name, axes):
     assert len(jax.devices()) == 8
     cfg, params, ids, mask, ref = cases[name]

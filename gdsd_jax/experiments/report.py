@@ -310,7 +310,8 @@ def write_results(exp: Experiment, out: Path, chosen: dict, selection: dict, onl
             for row in table:
                 final_eval = "–" if row["final_eval_reward"] is None else f"{row['final_eval_reward']:.3f}"
                 tail = "–" if row["tail_reward"] is None else f"{row['tail_reward']:.3f}"
-                lines.append(f"| {m} | {point_tag(row['point'])} | {final_eval} | {tail} | {'**yes**' if row['chosen'] else ''} |")
+                picked = "**yes**" if row["chosen"] else ""
+                lines.append(f"| {m} | {point_tag(row['point'])} | {final_eval} | {tail} | {picked} |")
         lines.append("")
     # Main results
     stats: dict = {}

@@ -81,8 +81,9 @@ def dream_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     """Run the Dream sampler. prompt_ids [B, Lp] int32, prompt_mask [B, Lp] or None.
 
     Returns ``(sequences [B, Lp + Lg], unmask_step [B, Lg], nfe [B], tokens_processed [B])``, int32. A cache
-    or parallel decoding (``threshold`` / ``factor``) runs the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's
-    step, Dream's schedule applied per block of ``block_length`` (``None``: one block, upstream's schedule).
+    or parallel decoding (``threshold`` / ``factor``) runs the fast block-wise decoder
+    (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's step, Dream's schedule applied per block of
+    ``block_length`` (``None``: one block, upstream's schedule).
     """
     bsz, lp = prompt_ids.shape
     lg = cfg.gen_length

@@ -49,7 +49,8 @@ def llada_generate(params, model_cfg: DenoiserConfig, prompt_ids: jax.Array, pro
     Returns ``(sequences [B, Lp + Lg], unmask_step [B, Lg], nfe [B], tokens_processed [B])``, int32;
     ``unmask_step`` is the global step (``block * steps_per_block + i``; with parallel
     decoding ``block * block_length + i``) at which each completion token was revealed. A cache or parallel
-    decoding (``threshold`` / ``factor``) runs the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`) with this sampler's step.
+    decoding (``threshold`` / ``factor``) runs the fast block-wise decoder (:mod:`gdsd_jax.sampling.blockwise`)
+    with this sampler's step.
     """
     cfg.check_blocks()
     bsz, lp = prompt_ids.shape
