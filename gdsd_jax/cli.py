@@ -7,6 +7,9 @@ Errors the user can fix (a :class:`~gdsd_jax.errors.UserError`, a missing or exi
 are printed as one line and exit with status 1; ``--debug`` anywhere on the command line (or
 ``GDSD_JAX_DEBUG=1``) lets them raise with their traceback. Any other exception is a bug and keeps its
 traceback.
+
+Every command runs with JAX's persistent compilation cache (:mod:`gdsd_jax.compile_cache`);
+``--no-compilation-cache`` anywhere on the command line (or ``GDSD_JAX_COMPILATION_CACHE=off``) turns it off.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import sys
 from collections.abc import Iterator
 
 from gdsd_jax.allocator import preload_tcmalloc
+from gdsd_jax.compile_cache import CACHE_ENV, OFF, enable_compilation_cache
 from gdsd_jax.errors import UserError
 
 DEBUG_ENV = "GDSD_JAX_DEBUG"
+NO_CACHE_FLAG = "--no-compilation-cache"
 #: OS errors about a path the user gave (their message names it).
 _PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -50,7 +55,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gdsd-jax", description="GDSD RL post-training of diffusion LMs in JAX",
         epilog=f"Errors are printed as one line; --debug (anywhere on the command line) or {DEBUG_ENV}=1 shows "
-               f"the traceback.")
+               f"the traceback. Compiled programs are cached on disk for the next start; {NO_CACHE_FLAG} "
+               f"(anywhere) or {CACHE_ENV}={OFF} turns that off, {CACHE_ENV}=DIR moves it.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -114,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     start = argv is None    # a real process start, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    if NO_CACHE_FLAG in argv:
+        os.environ[CACHE_ENV] = OFF
+    argv = [a for a in argv if a not in ("--debug", NO_CACHE_FLAG)]
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     if start and not debug:
         logging.getLogger("absl").addFilter(_quiet_disk_full_logs)
@@ -143,6 +151,8 @@ def _main(argv: list[str], start: bool) -> int:
         except UserError:
             if not wants_help:   # a bad setting must not hide the help that may explain it
                 raise
+    if not wants_help:
+        enable_compilation_cache()
     # Default command: `gdsd-jax` alone runs the embedded default training job.
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train"] + argv
