@@ -304,3 +304,20 @@ def test_install_covering_the_sandbox_tmp_fails_closed(monkeypatch, tmp_path):
         missing_layer("no usable Linux namespaces (unshare missing or not permitted)")
     with pytest.raises(SandboxUnavailable, match="overlaps the sandbox's own /tmp"):
         Sandbox(SandboxConfig(timeout_s=2.0))
+
+
+def test_a_dataset_inside_what_the_sandbox_shows_is_refused(tmp_venv_python):
+    """The minimal root shows the interpreter's install read-only: a dataset kept inside it (here in the venv
+    under /tmp) would hand the test asserts to every program, so the code task refuses it at construction."""
+    from gdsd_jax.tasks.base import TaskError
+
+    venv_root = Path(tmp_venv_python).parent.parent
+    data = venv_root / "code_train.jsonl"
+    data.write_text('{"question": "f", "test_cases": ["%s"]}\n' % TEST)
+    try:
+        sandbox = Sandbox(SandboxConfig(python=tmp_venv_python))
+    except SandboxUnavailable as e:
+        missing_layer(str(e))
+    assert str(venv_root) in sandbox.visible_paths()
+    with pytest.raises(TaskError, match=f"the train file {data} lies inside {venv_root}, which the sandbox shows"):
+        K.CodeTask(train_file=str(data), sandbox=sandbox)

@@ -19,7 +19,7 @@ from gdsd_jax.checkpoint.train_state import CheckpointIntegrityError, RunCheckpo
 from gdsd_jax.config_io import ConfigError, load_config
 from gdsd_jax.training.config import TrainConfig
 from tests.checkpoint_damage import overwrite_data
-from tests.test_rl_trainer import REPO, _final_trainable, _metrics, _trainer, tiny_cfg
+from tests.test_rl_trainer import REPO, TINY, _final_trainable, _metrics, _trainer, tiny_cfg
 
 # ---- the digest ---------------------------------------------------------------------------------
 
@@ -345,6 +345,24 @@ def test_resume_from_a_damaged_newest_checkpoint_uses_the_previous_one_bitwise(t
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert _metrics(run / "metrics.jsonl") == _metrics(three_step_run / "metrics.jsonl")
+
+
+def test_resume_with_every_step_damaged_is_one_line(three_step_run, tmp_path, capsys):
+    """Nothing to resume from: one line naming each damaged step (it used to be a 24-line traceback), and
+    the damaged steps stay where they are."""
+    from gdsd_jax.cli import main as cli
+
+    run = _copy_run(three_step_run, tmp_path / "run")
+    for step in (1, 2, 3):
+        overwrite_data(run / "checkpoints" / str(step) / "state")
+    capsys.readouterr()
+    code = cli(["train", "--config", str(REPO / "configs/sudoku_tiny.yaml"), "--resume", "--no-progress",
+                "--output-dir", str(run), *TINY, "rl.total_steps=3"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("gdsd-jax train: error: no intact checkpoint in ") and "step 3: " in err[0]
+    assert "step 2: " in err[0] and "step 1: " in err[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2", "3"]
 
 
 # ---- metrics.jsonl cut short by a crash ------------------------------------------------------------

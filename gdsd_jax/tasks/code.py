@@ -21,6 +21,7 @@ Rewards (maximum total 2.0):
 from __future__ import annotations
 
 import ast
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -145,6 +146,21 @@ class CodeTask(LocalFileTask):
         # Made now, not at the first reward: a layer the host cannot give stops the run at start
         # (SandboxUnavailable), before anything is built or written.
         self.pass_rate = CodePassRate(sandbox or default_sandbox(), comparison=comparison)
+        self._check_data_is_hidden()
+
+    def _check_data_is_hidden(self) -> None:
+        """The test asserts must not be readable by the programs: a data file inside a directory the sandbox
+        shows them (e.g. kept inside the interpreter's venv) is refused."""
+        shown = [os.path.realpath(p) for p in self.pass_rate.sandbox.visible_paths()]
+        for split, path in self.files.items():
+            if path is None:
+                continue
+            real = os.path.realpath(path)
+            for root in shown:
+                if real == root or real.startswith(root + os.sep):
+                    raise TaskError(f"task 'code': the {split} file {path} lies inside {root}, which the sandbox "
+                                    f"shows to every program it runs (the interpreter's install or the system's "
+                                    f"libraries); move the data outside it")
 
     def load(self, path) -> list[dict]:
         return load_code(path)

@@ -316,6 +316,20 @@ class Sandbox:
                 _SELF_TEST[key] = known
         return known
 
+    def visible_paths(self) -> list[str]:
+        """The host directories every program sees, read-only, inside the minimal root (the interpreter's
+        install and the system's shared libraries, as the supervisor computes them); [] without namespaces.
+        A file inside one of them (a dataset kept in the venv) is readable by every program."""
+        if self.unshare is None:
+            return []
+        key = (self.python, "visible")
+        with _PROBE_LOCK:
+            if key not in _PROBE_CACHE:
+                out = subprocess.run([self.python, "-I", "-B", _CHILD, "--visible-paths"], capture_output=True,
+                                     text=True, timeout=30, check=True, stdin=subprocess.DEVNULL)
+                _PROBE_CACHE[key] = json.loads(out.stdout)
+            return list(_PROBE_CACHE[key])
+
     def capabilities(self) -> dict:
         """Which isolation layers this sandbox uses."""
         return {

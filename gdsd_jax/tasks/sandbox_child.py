@@ -695,4 +695,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--visible-paths"]:  # the host asks what a program will see (nothing else is run)
+        print(json.dumps(_visible_paths()[0]))
+    else:
+        main()
