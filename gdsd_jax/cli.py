@@ -158,7 +158,13 @@ def _main(argv: list[str], start: bool) -> int:
         argv = ["train"] + argv
     only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        # KEY=VALUE overrides may stand anywhere, also after a flag (argparse keeps only the first run of them).
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest):
+            args.overrides = list(args.overrides) + rest
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "_missing", None):
         parser.error(f"command {args._missing!r} is not available in this build")
     if not hasattr(args, "_run"):

@@ -41,20 +41,23 @@ class Range:
 
     def contains(self, value: float) -> bool:
         # Written so that NaN fails every comparison, and inf fails the finiteness test.
-        return (math.isfinite(value)
+        return ((isinstance(value, int) or math.isfinite(value))   # an int is finite (and may not fit a float)
                 and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
 
     def describe(self, integer: bool) -> str:
-        lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-        hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        def g(x: float) -> str:  # integers in full (a seed bound 4294967295, not 4.29497e+09)
+            return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+        lo = f"[{g(self.ge)}" if self.ge is not None else f"({g(self.gt)}" if self.gt is not None else None
+        hi = f"{g(self.le)}]" if self.le is not None else f"{g(self.lt)})" if self.lt is not None else None
         kind = "an integer" if integer else "a finite number"
         if lo and hi:
             text = f"{kind} in {lo}, {hi}"
         elif lo or hi:
             op, bound = ((">=", self.ge) if self.ge is not None else (">", self.gt) if self.gt is not None
                          else ("<=", self.le) if self.le is not None else ("<", self.lt))
-            text = f"{kind} {op} {bound:g}"
+            text = f"{kind} {op} {g(bound)}"
         else:
             text = kind
         return f"{text} ({self.why})" if self.why else text
@@ -218,8 +221,28 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.line + 1}; the last would win)",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """The mapping in a YAML file; unreadable, non-UTF-8 or malformed files name the file and line."""
+    """The mapping in a YAML file; unreadable, non-UTF-8 or malformed files (a key repeated in one mapping
+    included) name the file and line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
@@ -231,7 +254,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(p)!r}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} "
                           f"at offset {e.start}); save the file as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

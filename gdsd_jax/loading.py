@@ -36,7 +36,7 @@ from gdsd_jax.checkpoint.policy import (
 )
 from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint, side_files
-from gdsd_jax.convert.hf_config import infer_family, read_config_json
+from gdsd_jax.convert.hf_config import config_from_hf, infer_family, read_config_json
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.models.denoiser import Denoiser, param_shardings
 from gdsd_jax.models.lora import lora_scale, lora_shardings, merge_lora
@@ -111,6 +111,20 @@ def model_family(path: str | os.PathLike) -> str | None:
             return json.loads((p / META_FILE).read_text())["config"]["family"]
         if (p / "config.json").is_file():
             return infer_family(json.loads((p / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def model_max_seq_len(path: str | os.PathLike) -> int | None:
+    """The ``max_seq_len`` of the model at ``path`` read without loading weights (a params checkpoint's
+    config, or an HF ``config.json``); None if it cannot be read cheaply (as for :func:`model_family`)."""
+    p = Path(path)
+    try:
+        if (p / META_FILE).is_file():
+            return int(json.loads((p / META_FILE).read_text())["config"]["max_seq_len"])
+        if (p / "config.json").is_file():
+            return config_from_hf(json.loads((p / "config.json").read_text())).max_seq_len
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None

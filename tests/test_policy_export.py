@@ -15,6 +15,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from checkpoint_damage import overwrite_data
 from test_rl_trainer import tiny_cfg
 
 from gdsd_jax.cli import main as cli
@@ -141,3 +142,33 @@ def test_eval_and_sample_take_a_run_directory(runs, tmp_path, capsys):
     assert cli(["sample", "--checkpoint", str(run), "--prompt-ids", "1,2,3,4", "--gen-length", "4",
                 "--steps", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_a_damaged_step_or_policy_is_refused_by_every_reader(runs, tmp_path, capsys):
+    """export --run --step, eval --step, sample --step and load_denoiser check the save-time digests: a damaged
+    step is refused with one line naming it and nothing is written (they used to export NaNs and exit 0)."""
+    from gdsd_jax.checkpoint.integrity import CheckpointIntegrityError
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["full"], run)
+    overwrite_data(run / "checkpoints" / "1" / "state")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    commands = [
+        ["export", "--run", str(run), "--step", "1", "--format", "params", "--out", str(out)],
+        ["eval", "--checkpoint", str(run), "--step", "1", "--task", "sudoku", "--max-examples", "8",
+         "--batch-size", "8", "--output", str(out)],
+        ["sample", "--checkpoint", str(run), "--step", "1", "--prompt-ids", "1,2,3,4", "--gen-length", "4",
+         "--steps", "4", "--output", str(out / "samples.jsonl")],
+    ]
+    for argv in commands:
+        assert cli(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "checkpoint step 1: " in err, (argv, err)
+        assert not out.exists(), argv
+    with pytest.raises(CheckpointIntegrityError, match="checkpoint step 1: "):
+        load_denoiser(run, step=1)
+    load_denoiser(run, step=2)                              # the intact step still loads
+    overwrite_data(run / "policy" / "params")
+    with pytest.raises(CheckpointIntegrityError, match=f"checkpoint {run / 'policy'}: "):
+        load_denoiser(run)

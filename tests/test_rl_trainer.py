@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from checkpoint_damage import overwrite_data
 
 from gdsd_jax.config_io import ConfigError, load_config
 from gdsd_jax.objectives.config import CONFIG_CLASSES
@@ -202,6 +203,16 @@ def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
     out = capsys.readouterr()
     assert "reusing cached SFT checkpoint" in out.out + out.err
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, first)
+
+    # A damaged cache is named and rebuilt (it used to end the run with a 179-line traceback naming neither).
+    cache = tmp_path / "cache" / entries[0]
+    overwrite_data(cache / "params" / "params")
+    _, rebuilt = warm_start(cfg, mesh, model_cfg, jax.tree.map(jnp.asarray, init), progress=False)
+    out = capsys.readouterr()
+    assert f"the cached SFT checkpoint {cache} is damaged" in out.out + out.err and "running SFT" in out.out + out.err
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), rebuilt, first)
+    warm_start(cfg, mesh, model_cfg, jax.tree.map(jnp.asarray, init), progress=False)
+    assert "reusing cached SFT checkpoint" in capsys.readouterr().out   # the rebuilt cache is intact
 
     other = tiny_cfg(tmp_path, "warm_start.mode=sft", f"warm_start.cache_dir={tmp_path / 'cache'}",
                      "sft.steps=3", "sft.batch_size=8", "sft.eval_every=0")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sandbox_layers import live_processes_of_uid, missing_layer
 
 from gdsd_jax.tasks.sandbox import Sandbox, SandboxConfig
 
@@ -22,42 +23,33 @@ TIMEOUT = 1.0
 BOUND = TIMEOUT + 5.0 + 3.0  # sandbox timeout + start-up grace + host slack: a run never takes longer
 
 
+# The tests below check each layer on its own, so their sandboxes accept a missing layer explicitly (the
+# default refuses to run without one: test_defaults_fail_closed); a test of one layer skips, naming it, where
+# the host lacks it, and fails instead in CI as root.
+WEAKER_ACCEPTED = {"namespaces": "auto", "cgroup": "auto"}
+
+
 @pytest.fixture(scope="module")
 def guarded():
-    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, num_workers=2))
+    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, num_workers=2, **WEAKER_ACCEPTED))
 
 
 @pytest.fixture(scope="module")
 def unguarded():
-    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, python_guard=False, num_workers=2))
+    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, python_guard=False, num_workers=2, **WEAKER_ACCEPTED))
 
 
 @pytest.fixture(scope="module")
 def fallback():
     """No namespaces: the documented fallback (rlimits, uid, process groups, Python guard)."""
-    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, namespaces="off", num_workers=2))
+    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, namespaces="off", cgroup="auto", num_workers=2))
 
 
 @pytest.fixture(scope="module")
 def fallback_unguarded():
     """No namespaces and no guard: only rlimits, the uid change and process-group / uid clean-up."""
-    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, namespaces="off", python_guard=False, num_workers=2))
-
-
-def _live_processes_of_uid(uid):
-    """Independent check through /proc: non-zombie processes whose real uid is ``uid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+    return Sandbox(SandboxConfig(timeout_s=TIMEOUT, namespaces="off", cgroup="auto", python_guard=False,
+                                 num_workers=2))
 
 
 def _run(sandbox, source, test=""):
@@ -68,7 +60,7 @@ def _run(sandbox, source, test=""):
     uid = result.layers.get("unprivileged_uid")
     if uid is not None:
         time.sleep(0.05)
-        assert _live_processes_of_uid(uid) == [], "processes of the run survived it"
+        assert live_processes_of_uid(uid) == [], "processes of the run survived it"
     return result
 
 
@@ -204,9 +196,15 @@ def test_unguarded_subprocess_stays_inside(unguarded, tmp_path):
 
 
 def test_output_is_capped(guarded):
-    sandbox = Sandbox(SandboxConfig(timeout_s=TIMEOUT, max_output_bytes=1000))
+    sandbox = Sandbox(SandboxConfig(timeout_s=TIMEOUT, max_output_bytes=1000, **WEAKER_ACCEPTED))
     result = _run(sandbox, "print('x' * 100000)")
     assert result.passed and len(result.output) <= 1000
+
+
+def test_defaults_fail_closed():
+    """Every isolation layer is required unless a setting accepts weaker isolation explicitly."""
+    config = SandboxConfig()
+    assert (config.namespaces, config.cgroup, config.python_guard) == ("require", "require", True)
 
 
 def test_config_validation():
@@ -223,7 +221,7 @@ def test_config_validation():
 def _skip_without(sandbox, layer):
     if not sandbox.capabilities()[layer]:
         reason = sandbox.cgroups.error if layer == "per_run_cgroup" and sandbox.cgroups else "no usable namespaces"
-        pytest.skip(f"this host cannot provide the {layer} layer ({reason})")
+        missing_layer(f"this host cannot provide the {layer} layer ({reason})")
 
 
 def test_proc_shows_only_the_runs_processes(unguarded):
@@ -288,7 +286,7 @@ def _counts(output):
 
 def test_memory_cap_is_per_run_not_per_process():
     """6 processes x 150 MiB, each under the 256 MiB per-process limit: the run's cap stops all but one."""
-    sandbox = Sandbox(SandboxConfig(timeout_s=6.0, python_guard=False, memory_bytes=256 << 20))
+    sandbox = Sandbox(SandboxConfig(timeout_s=6.0, python_guard=False, memory_bytes=256 << 20, **WEAKER_ACCEPTED))
     _skip_without(sandbox, "per_run_cgroup")
     result = _run(sandbox, _alloc_in_children(6, 150, 1))
     started, held = _counts(result.output)
@@ -297,14 +295,18 @@ def test_memory_cap_is_per_run_not_per_process():
 
 def test_process_cap_is_per_run_even_without_a_uid_change():
     """Without the per-run uid, root is exempt from RLIMIT_NPROC: the run's pids cgroup still caps it."""
-    sandbox = Sandbox(SandboxConfig(timeout_s=6.0, python_guard=False, drop_uid=False, max_processes=8))
+    sandbox = Sandbox(SandboxConfig(timeout_s=6.0, python_guard=False, drop_uid=False, max_processes=8,
+                                    **WEAKER_ACCEPTED))
     _skip_without(sandbox, "per_run_cgroup")
     result = _run(sandbox, _alloc_in_children(40, 1, 1))
     started, _ = _counts(result.output)
     assert started <= 8 - 2, result.output  # the supervisor and the program count too
 
 
-def test_missing_cgroup_layer_warns_once(monkeypatch, caplog):
+def test_missing_cgroup_layer_fails_closed_unless_accepted(monkeypatch, caplog):
+    """By default a missing cgroup stops the sandbox at creation with one line naming the layer, the cause
+    and the setting; ``cgroup="auto"`` accepts the weaker isolation with one warning for any number of
+    sandboxes, and runs still work."""
     import gdsd_jax.tasks.sandbox as sandbox_module
 
     class NoCgroup:
@@ -312,19 +314,23 @@ def test_missing_cgroup_layer_warns_once(monkeypatch, caplog):
 
     monkeypatch.setattr(sandbox_module, "cgroup_manager", lambda: NoCgroup())
     monkeypatch.setattr(sandbox_module, "_WARNED", set())
-    with caplog.at_level("WARNING", logger="gdsd_jax.tasks.sandbox"):
-        first = Sandbox(SandboxConfig(timeout_s=TIMEOUT))
+    with pytest.raises(sandbox_module.SandboxUnavailable) as refused:
         Sandbox(SandboxConfig(timeout_s=TIMEOUT))
+    message = str(refused.value)
+    assert "\n" not in message and "per-run cgroup" in message and "not enabled (test)" in message
+    assert "cgroup='auto'" in message
+    with caplog.at_level("WARNING", logger="gdsd_jax.tasks.sandbox"):
+        first = Sandbox(SandboxConfig(timeout_s=TIMEOUT, cgroup="auto"))
+        Sandbox(SandboxConfig(timeout_s=TIMEOUT, cgroup="auto"))
     warnings = [r.getMessage() for r in caplog.records if "per-run memory" in r.getMessage()]
     assert len(warnings) == 1 and "not enabled (test)" in warnings[0]
     assert not first.capabilities()["per_run_cgroup"]
     assert _run(first, "pass", "assert 1 + 1 == 2").passed
-    with pytest.raises(RuntimeError, match="cgroup='require'"):
-        Sandbox(SandboxConfig(cgroup="require"))
 
 
-def test_namespace_setup_failure_falls_back_with_one_warning(monkeypatch, caplog, tmp_path, guarded):
-    """``unshare`` permitted but mounting refused (e.g. an LSM policy): one warning, then the fallback."""
+def test_namespace_setup_failure_fails_closed_unless_accepted(monkeypatch, caplog, tmp_path, guarded):
+    """``unshare`` permitted but mounting refused (e.g. an LSM policy): by default an error at creation naming
+    the layer and the cause; with ``namespaces="auto"`` one warning, then the fallback."""
     import gdsd_jax.tasks.sandbox as sandbox_module
 
     _skip_without(guarded, "minimal_root")
@@ -336,14 +342,14 @@ def test_namespace_setup_failure_falls_back_with_one_warning(monkeypatch, caplog
     monkeypatch.setattr(sandbox_module, "_CHILD", str(broken))
     monkeypatch.setattr(sandbox_module, "_SELF_TEST", {})
     monkeypatch.setattr(sandbox_module, "_WARNED", set())
+    with pytest.raises(sandbox_module.SandboxUnavailable, match="mount refused \\(test\\).*namespaces='auto'"):
+        Sandbox(SandboxConfig(timeout_s=TIMEOUT))
     with caplog.at_level("WARNING", logger="gdsd_jax.tasks.sandbox"):
-        boxes = [Sandbox(SandboxConfig(timeout_s=TIMEOUT)) for _ in range(2)]
+        boxes = [Sandbox(SandboxConfig(timeout_s=TIMEOUT, namespaces="auto")) for _ in range(2)]
     warnings = [r.getMessage() for r in caplog.records if "setting them up failed" in r.getMessage()]
     assert len(warnings) == 1 and "mount refused (test)" in warnings[0] and "private /proc" in warnings[0]
     assert not boxes[0].capabilities()["minimal_root"]
     assert _run(boxes[1], "def f(x):\n    return x", "assert f(1) == 1").passed
-    with pytest.raises(RuntimeError, match="could not be set up"):
-        Sandbox(SandboxConfig(namespaces="require"))
 
 
 def test_stale_cgroups_of_dead_hosts_are_removed(guarded):

@@ -18,7 +18,8 @@ from gdsd_jax.checkpoint.integrity import state_digests
 from gdsd_jax.checkpoint.train_state import CheckpointIntegrityError, RunCheckpointer, abstract_like, written_bytes
 from gdsd_jax.config_io import ConfigError, load_config
 from gdsd_jax.training.config import TrainConfig
-from tests.test_rl_trainer import REPO, _final_trainable, _metrics, _trainer, tiny_cfg
+from tests.checkpoint_damage import overwrite_data
+from tests.test_rl_trainer import REPO, TINY, _final_trainable, _metrics, _trainer, tiny_cfg
 
 # ---- the digest ---------------------------------------------------------------------------------
 
@@ -161,16 +162,7 @@ def _damage(step_dir: Path, kind: str) -> None:
     """What a failing disk, an interrupted copy or a stray edit leaves behind in a committed step."""
     big = _largest_file(step_dir / "state")
     if kind == "overwrite_4k":
-        # Sizes unchanged: only a content check can notice. OCDBT data files can hold regions no longer
-        # referenced (damage there changes nothing that is restored, and the step rightly stays usable), so
-        # 4 KB are overwritten every 16 KB of every data file larger than 8 KB to be sure to hit live data.
-        rng = np.random.default_rng(0)
-        for p in (step_dir / "state").rglob("*"):
-            if p.is_file() and p.stat().st_size > 8192:
-                with open(p, "r+b") as f:
-                    for offset in range(4096, p.stat().st_size - 4096, 16384):
-                        f.seek(offset)
-                        f.write(rng.bytes(4096))
+        overwrite_data(step_dir / "state")
     elif kind == "truncate":
         with open(big, "r+b") as f:
             f.truncate(big.stat().st_size // 2)
@@ -232,6 +224,58 @@ def test_every_step_damaged_is_one_error_naming_each(tmp_path):
         ck.restore_newest_intact(abstract_like(_state(0)))
     assert ck.all_steps() == [1, 2, 3]           # nothing moved when there is nothing to resume from
     ck.close()
+
+
+def test_every_read_of_a_damaged_step_refuses_it(tmp_path):
+    """Export, eval and sampling read a step through ``restore_trainable`` / ``restore_on_one_device``: both
+    check the save-time digests like a resume does (they used to return the damaged values)."""
+    d = tmp_path / "ck"
+    ck = RunCheckpointer(d, keep=5, async_save=False)
+    states = {i: {"trainable": {"w": _state(i)["w"]}, "opt": {"m": _state(i)["b"]}} for i in (1, 2)}
+    for i, st in states.items():
+        ck.save(i, st, {"i": i})
+    ck.close()
+    overwrite_data(d / "2" / "state")
+    ck = RunCheckpointer(d, keep=5, async_save=False)
+    for read in (lambda: ck.restore_trainable(2), lambda: ck.restore_on_one_device(2)):
+        with pytest.raises(CheckpointIntegrityError, match=r"^checkpoint step 2: (trainable/w .*differs from its "
+                                                           r"save-time digest|unreadable)"):
+            read()
+    np.testing.assert_array_equal(np.asarray(ck.restore_trainable(1)["w"]), np.asarray(states[1]["trainable"]["w"]))
+    np.testing.assert_array_equal(np.asarray(ck.restore_on_one_device(1)["opt"]["m"]),
+                                  np.asarray(states[1]["opt"]["m"]))
+    ck.close()
+
+
+def test_params_checkpoint_reads_check_the_save_time_digests(tmp_path):
+    """``restore_params`` (load_denoiser, the policy, the warm-start cache) and ``load_leaf_numpy`` (export)
+    compare what they read with the digests recorded at save time."""
+    from gdsd_jax.checkpoint.params_io import load_leaf_numpy, read_meta, restore_params, save_params
+    from gdsd_jax.models.config import tiny_llada
+    from gdsd_jax.models.denoiser import init_params
+
+    cfg = tiny_llada()
+    params = init_params(cfg, jax.random.key(0))
+    good, bad = save_params(tmp_path / "good", params, cfg), save_params(tmp_path / "bad", params, cfg)
+    assert all(len(v["digest"]) == 16 for v in read_meta(good)["leaves"].values())
+    overwrite_data(bad / "params")
+    with pytest.raises(CheckpointIntegrityError, match=rf"^checkpoint {bad}: "):
+        restore_params(bad)
+    damaged = [leaf for leaf in (("embed",), ("layers", "q"), ("layers", "up"))
+               if not _reads(lambda leaf=leaf: load_leaf_numpy(bad, leaf))]
+    assert damaged, "no leaf read from the damaged checkpoint was refused"
+    restored, _ = restore_params(good)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, params)
+    as_bf16, bf16_cfg = restore_params(good, dtype="bfloat16")   # checked in the stored dtype, then cast
+    assert bf16_cfg.param_dtype == "bfloat16" and as_bf16["layers"]["q"].dtype == jnp.bfloat16
+
+
+def _reads(read) -> bool:
+    try:
+        read()
+        return True
+    except CheckpointIntegrityError:
+        return False
 
 
 def _save_without_digests(directory: Path, step: int, state: dict, meta: dict) -> None:
@@ -301,6 +345,24 @@ def test_resume_from_a_damaged_newest_checkpoint_uses_the_previous_one_bitwise(t
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert _metrics(run / "metrics.jsonl") == _metrics(three_step_run / "metrics.jsonl")
+
+
+def test_resume_with_every_step_damaged_is_one_line(three_step_run, tmp_path, capsys):
+    """Nothing to resume from: one line naming each damaged step (it used to be a 24-line traceback), and
+    the damaged steps stay where they are."""
+    from gdsd_jax.cli import main as cli
+
+    run = _copy_run(three_step_run, tmp_path / "run")
+    for step in (1, 2, 3):
+        overwrite_data(run / "checkpoints" / str(step) / "state")
+    capsys.readouterr()
+    code = cli(["train", "--config", str(REPO / "configs/sudoku_tiny.yaml"), "--resume", "--no-progress",
+                "--output-dir", str(run), *TINY, "rl.total_steps=3"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("gdsd-jax train: error: no intact checkpoint in ") and "step 3: " in err[0]
+    assert "step 2: " in err[0] and "step 1: " in err[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2", "3"]
 
 
 # ---- metrics.jsonl cut short by a crash ------------------------------------------------------------

@@ -57,6 +57,24 @@ def _cfg(*overrides: str) -> TrainConfig:
     ("model.preset=nope", r"^model\.preset: unknown model preset 'nope'"),
     ("task.name=chess", r"task: unknown task 'chess'"),
     ("task.kwargs={path: x.jsonl}", r"task 'sudoku' takes no argument\(s\) \['path'\]; valid: \['train_file'"),
+    # the objective's ranges: psi scales the advantage (<= 0 removes or reverses the learning signal)
+    ("objective.psi=-1", r"objective: GDSDConfig\.psi=-1\.0: expected a finite number > 0"),
+    ("objective.psi=0", r"objective: GDSDConfig\.psi=0\.0: expected a finite number > 0"),
+    ("objective={name: spg, min_t: 0.5, max_t: 0.2}", r"SPGConfig\.max_t=0\.2: expected >= min_t=0\.5"),
+    # seeds (2**80 used to be an OverflowError after the model was built)
+    ("rl.seed=1208925819614629174706176", r"rl\.seed=1208925819614629174706176: expected an integer in "
+                                          r"\[0, 4294967295\]"),
+    ("sft.seed=-1", r"sft\.seed=-1: expected an integer in \[0, 4294967295\]"),
+    ("eval.split=bogus", r"eval\.split: 'bogus' is not one of \['train', 'validation', 'test'\]"),
+    # the sequence against the model (the tiny preset holds 64 tokens; its prompt takes 17)
+    ("sampling.gen_length=64", r"^sampling\.gen_length=64 \+ task\.prompt_length=17 = 81 exceeds the model's "
+                               r"max_seq_len=64; .*at most 47 tokens"),
+    ("eval.sampling={gen_length: 64}", r"^eval\.sampling\.gen_length=64 \+ task\.prompt_length=17 = 81 exceeds"),
+    ("model.overrides={max_seq_len: 32}", r"sampling\.gen_length=16 \+ task\.prompt_length=17 = 33 exceeds the "
+                                          r"model's max_seq_len=32"),
+    # reward weights weigh the chat format's reward functions
+    ("rl.reward_weights={sudoku: 2.0}", r"rl\.reward_weights=\{'sudoku': 2\.0\} weighs the chat format's "
+                                        r"reward functions; task\.format=compact"),
 ])
 def test_a_bad_value_fails_in_validate_naming_key_value_and_expectation(override, message):
     # The sections built from their own classes (sampling, objective) fail as the file is read, the
@@ -163,6 +181,98 @@ def test_config_errors_are_one_line_and_write_nothing(tmp_path, capsys, override
     code, err = _train(capsys, tmp_path / "run", override)
     assert code == 1
     _one_line(err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["task.prompt_length=5"], "task.prompt_length=5 is shorter than the task's longest prompt (17 tokens)"),
+    (["eval.split=validation"], "eval.split='validation': the shipped sudoku validation split needs"),
+    (["task.format=chat", "rl.reward_weights={nope: 1.0}"],
+     "rl.reward_weights names unknown reward function(s) ['nope']; task 'sudoku' has ['sudoku']"),
+])
+def test_settings_that_need_the_task_fail_before_the_model_is_built(tmp_path, capsys, monkeypatch, overrides,
+                                                                       needle):
+    """Checked against the task itself, at start: no model is built and no run directory written."""
+    from gdsd_jax.rl import run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the settings were checked")
+
+    monkeypatch.setattr(run, "build_model", no_model)
+    code, err = _train(capsys, tmp_path / "run", *overrides)
+    assert code == 1
+    _one_line(err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sandbox_layer_the_host_cannot_give_stops_the_code_task_at_start(tmp_path, capsys, monkeypatch):
+    """Fail closed: without its per-run cgroup the code sandbox refuses to start, in one line naming the layer,
+    the cause and the setting that accepts weaker isolation; nothing is built or written."""
+    import gdsd_jax.tasks.sandbox as sandbox_module
+    from gdsd_jax.rl import run
+
+    class NoCgroup:
+        kind, error = None, "cgroup v2 controllers ['pids'] are not delegated (test)"
+
+    monkeypatch.setattr(sandbox_module, "cgroup_manager", lambda: NoCgroup())
+    sandbox_module.default_sandbox.cache_clear()
+    monkeypatch.setattr(run, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    data = tmp_path / "code.jsonl"
+    data.write_text('{"question": "q", "test_cases": ["assert f(1) == 2"]}\n')
+    try:
+        code, err = _train(capsys, tmp_path / "run", "task.name=code", "task.format=chat",
+                           f"task.kwargs={{train_file: {data}, test_file: {data}}}")
+    finally:
+        sandbox_module.default_sandbox.cache_clear()
+    assert code == 1
+    _one_line(err, "code sandbox: the per-run cgroup (memory and process caps) layer cannot be set up here",
+              "not delegated (test)", "cgroup='auto'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_or_duplicate_key_config_file_is_one_line(tmp_path, capsys):
+    """An empty --config is the defaults, whose 256 generated tokens do not fit the tiny default model: named
+    at start. A key repeated in one mapping is refused (YAML would keep the last silently)."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    code, err = cli.main(["train", "--config", str(empty), "--output-dir", str(tmp_path / "run")]), \
+        capsys.readouterr().err
+    assert code == 1
+    _one_line(err, "sampling.gen_length=256 + task.prompt_length=17 = 273 exceeds the model's max_seq_len=64")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("rl:\n  seed: 1\n  total_steps: 4\n  seed: 2\n")
+    code, err = _train(capsys, tmp_path / "run", config=twice)
+    assert code == 1
+    _one_line(err, str(twice), "line 4", "duplicate key 'seed' (first at line 2; the last would win)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_are_accepted_in_any_position(tmp_path, capsys):
+    """KEY=VALUE after a flag is an override like any other (it used to be 'unrecognized arguments'); the
+    later of two settings of one key wins; anything else stray is still refused."""
+    out = str(tmp_path / "run")
+    code = cli.main(["train", "--config", CONFIG, "rl.seed=1", "--no-progress", "rl.prompts=3", "--output-dir", out])
+    assert code == 1
+    _one_line(capsys.readouterr().err, "rl.prompts")
+    args_seen = {}
+
+    def capture(args):
+        args_seen["overrides"] = list(args.overrides)
+        return 0
+
+    parser_args = ["train", "rl.seed=1", "--no-progress", "rl.seed=2", "--resume", "optim.lr=0.1"]
+    import gdsd_jax.commands.train as train_command
+
+    original = train_command.run
+    train_command.run = capture
+    try:
+        assert cli.main(parser_args) == 0
+    finally:
+        train_command.run = original
+    assert args_seen["overrides"] == ["rl.seed=1", "rl.seed=2", "optim.lr=0.1"]
+    assert load_config(TrainConfig, CONFIG, args_seen["overrides"]).rl.seed == 2
+    assert cli.main(["train", "--config", CONFIG, "--no-progress", "stray", "--output-dir", out]) == 1
+    _one_line(capsys.readouterr().err, "bad override 'stray': expected KEY=VALUE")
     assert not (tmp_path / "run").exists()
 
 

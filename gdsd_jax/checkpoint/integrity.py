@@ -10,6 +10,9 @@
   and the same on every mesh, process count and backend: a checkpoint written on one topology verifies on
   another. It detects accidental corruption (any change to one element changes each sum by a
   pseudo-random amount; two sums miss it with probability about 2**-64), not deliberate tampering.
+* :func:`check_digests` is the one comparison of a tree read back with its save-time digests, used by every
+  read of a checkpoint (resume, export, eval, sampling, ``load_denoiser``, the SFT warm-start cache): a
+  mismatch raises :class:`CheckpointIntegrityError` naming the first array that differs.
 * :func:`meta_digest` is the SHA-256 of the JSON metadata saved with the state (canonical form, so it
   survives the JSON round trip).
 """
@@ -25,9 +28,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdsd_jax.distributed.multihost import to_host
+from gdsd_jax.errors import UserError
 
 _GOLDEN = 0x9E3779B9                    # 2**32 / golden ratio: spreads consecutive indices before mixing
 _SEEDS = (0x243F6A88, 0x85A308D3)       # two independent sums (digits of pi), 32 bits each
+
+
+class CheckpointIntegrityError(UserError, RuntimeError):
+    """A checkpoint (a training step or a params checkpoint) that cannot be read, or whose contents differ
+    from what was saved. The message names it: damaged data is refused, never used."""
+
+    def __init__(self, reason: str, step: int | None = None, where: str | None = None):
+        prefix = f"checkpoint step {step}" if step is not None else f"checkpoint {where}" if where else ""
+        super().__init__(f"{prefix}: {reason}" if prefix else reason)
+        self.step = step
+        self.reason = reason
 
 
 def _floating(x) -> bool:
@@ -107,3 +122,26 @@ def state_digests(tree: Any) -> tuple[dict[str, str], list[str]]:
 def meta_digest(meta: dict) -> str:
     """SHA-256 of a JSON-serialisable mapping in canonical form (sorted keys)."""
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def check_digests(tree: Any, saved: dict[str, str] | None, *, step: int | None = None, where: str | None = None,
+                  prefix: str = "") -> None:
+    """Compare ``tree`` (as read back) with its save-time digests ``saved`` (``{leaf path: hex}``).
+
+    ``prefix`` is prepended to the leaf paths of ``tree`` (``"trainable/"`` when only that part of a state was
+    read); saved entries outside ``prefix`` are not compared. Without saved digests (written before they were
+    recorded) the tree must at least be finite. Raises :class:`CheckpointIntegrityError` naming the first leaf
+    that differs (or is non-finite) and ``step`` / ``where``.
+    """
+    digests, nonfinite = state_digests(tree)
+    digests = {prefix + k: v for k, v in digests.items()}
+    if saved is None:
+        if nonfinite:
+            raise CheckpointIntegrityError(f"non-finite values in {', '.join(prefix + n for n in nonfinite)}",
+                                           step, where)
+        return
+    wanted = {k: v for k, v in saved.items() if k.startswith(prefix)}
+    differ = sorted(k for k in set(wanted) | set(digests) if wanted.get(k) != digests.get(k))
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise CheckpointIntegrityError(f"{differ[0]}{more} differs from its save-time digest", step, where)

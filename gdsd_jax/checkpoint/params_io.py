@@ -3,7 +3,7 @@
 Directory layout::
 
     CKPT/
-      gdsd_checkpoint.json   format tag, DenoiserConfig, leaf shapes/dtypes   (written last: the "valid" mark)
+      gdsd_checkpoint.json   format tag, DenoiserConfig, leaf shapes/dtypes/digests   (written last: the "valid" mark)
       params/                Orbax (v1 API) pytree checkpoint of the params tree
       hf_config.json         optional: upstream config.json the weights came from (used by export)
       hf_files/              optional: small upstream side files (tokenizer, remote code, generation config)
@@ -13,6 +13,11 @@ Orbax's staging copy of it, whatever the model size; everything goes to a hidden
 is renamed onto ``CKPT`` only when complete, so a failed or interrupted save never leaves anything that
 looks valid. Restoring takes target shardings (``param_shardings(cfg, mesh)``), so a checkpoint written
 from one mesh (or from host NumPy arrays by the converter) restores straight onto any other mesh.
+
+Every leaf's save-time digest (:func:`gdsd_jax.checkpoint.integrity.state_digests`) is recorded in
+``gdsd_checkpoint.json``; :func:`restore_params` and :func:`load_leaf_numpy` compare what they read with it, so
+a damaged checkpoint is refused (:class:`~gdsd_jax.checkpoint.integrity.CheckpointIntegrityError`), never
+used. Checkpoints written before digests were recorded must at least be finite.
 
 Remote paths (``gs://...``) have no atomic directory rename: there the data are written in place (an
 existing checkpoint is deleted first when overwriting) and the ``gdsd_checkpoint.json`` mark still comes
@@ -41,6 +46,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.options import AtomicityMode
 
+from gdsd_jax.checkpoint.integrity import CheckpointIntegrityError, check_digests, state_digests
 from gdsd_jax.models.config import DenoiserConfig, dtype_from_name
 from gdsd_jax.models.denoiser import abstract_params, param_shapes
 
@@ -276,7 +282,8 @@ class ParamsWriter:
                              f"{self.expected[path]}")
         with self._ctx:
             ocp.partial.save(self.tmp / PARAMS_DIR, _nest(path, array))
-        self.written[path] = {"shape": list(array.shape), "dtype": np.dtype(array.dtype).name}
+        (digest,) = state_digests(_nest(path, array))[0].values()
+        self.written[path] = {"shape": list(array.shape), "dtype": np.dtype(array.dtype).name, "digest": digest}
 
     def commit(self) -> Path:
         missing = sorted("/".join(p) for p in self.expected if p not in self.written)
@@ -374,18 +381,49 @@ def restore_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = Non
         reading. ``cfg.param_dtype`` is updated accordingly.
     """
     meta = read_meta(path)
-    cfg = DenoiserConfig.from_dict(meta["config"])
-    if dtype is not None:
-        cfg = cfg.replace(param_dtype=dtype_name(dtype))
+    stored = DenoiserConfig.from_dict(meta["config"])
+    cfg = stored.replace(param_dtype=dtype_name(dtype)) if dtype is not None else stored
     _check_leaves(path, meta, cfg, ["/".join(p) for p, _ in _leaves(param_shapes(cfg))])
+    # Read in the stored dtype (what the digests describe), checked, then cast where another one was asked.
     if mesh is not None:
-        target = abstract_params(cfg, mesh)
+        target = abstract_params(stored, mesh)
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                              abstract_params(cfg))
-    params = ocp.load(_resolved(path) / PARAMS_DIR, target)
+                              abstract_params(stored))
+    params = _load(path, target)
+    check_digests(params, _saved_digests(meta), where=str(path))
+    if cfg.param_dtype != stored.param_dtype:
+        _cast_floating(params, np.dtype(dtype_from_name(cfg.param_dtype)))
     return params, cfg
+
+
+def _load(path, target: Any) -> Any:
+    """``ocp.load`` of the params item; whatever Orbax / TensorStore raise on damaged files becomes one
+    :class:`CheckpointIntegrityError` naming the checkpoint."""
+    try:
+        return ocp.load(_resolved(path) / PARAMS_DIR, target)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointIntegrityError(f"unreadable ({type(e).__name__}: {first})", where=str(path)) from e
+
+
+def _saved_digests(meta: dict) -> dict[str, str] | None:
+    """``{leaf path: digest}`` recorded at save time; None for a checkpoint written before digests existed."""
+    leaves = meta.get("leaves", {})
+    if not leaves or not all("digest" in v for v in leaves.values()):
+        return None
+    return {name: v["digest"] for name, v in leaves.items()}
+
+
+def _cast_floating(tree: dict, dtype: np.dtype) -> None:
+    """Cast the floating-point leaves of a nested dict in place, one at a time (one extra leaf in memory)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _cast_floating(value, dtype)
+        elif jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != dtype:
+            tree[key] = value.astype(dtype)
+            del value
 
 
 def load_leaf_numpy(path: str | os.PathLike, leaf: tuple[str, ...], meta: dict | None = None) -> np.ndarray:
@@ -401,7 +439,9 @@ def load_leaf_numpy(path: str | os.PathLike, leaf: tuple[str, ...], meta: dict |
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        out = ocp.load(_resolved(path) / PARAMS_DIR, template)
+        out = _load(path, template)
+    saved = _saved_digests(meta)
+    check_digests(out, None if saved is None else {name: saved[name]}, where=str(path))
     for k in leaf:
         out = out[k]
     return np.asarray(out)

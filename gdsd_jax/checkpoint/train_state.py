@@ -38,20 +38,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gdsd_jax.checkpoint.integrity import meta_digest, state_digests
+from gdsd_jax.checkpoint.integrity import CheckpointIntegrityError, check_digests, meta_digest, state_digests
 from gdsd_jax.checkpoint.params_io import is_remote, storage_path
 from gdsd_jax.distributed.multihost import host_allgather
 
 T = TypeVar("T")
-
-
-class CheckpointIntegrityError(RuntimeError):
-    """A checkpoint step that cannot be read, or whose contents differ from what was saved."""
-
-    def __init__(self, reason: str, step: int | None = None):
-        super().__init__(reason if step is None else f"checkpoint step {step}: {reason}")
-        self.step = step
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,16 +180,7 @@ class RunCheckpointer:
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         out = self._read(step, items)
         meta, record = self._checked_meta(step, out["meta"])
-        digests, nonfinite = state_digests(out["state"])
-        if record is None:
-            if nonfinite:
-                raise CheckpointIntegrityError(f"non-finite values in {', '.join(nonfinite)}", step)
-        else:
-            saved = record.get("state") or {}
-            differ = sorted(k for k in set(saved) | set(digests) if saved.get(k) != digests.get(k))
-            if differ:
-                more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
-                raise CheckpointIntegrityError(f"{differ[0]}{more} differs from its save-time digest", step)
+        check_digests(out["state"], None if record is None else record.get("state") or {}, step=step)
         return out["state"], meta
 
     def _newest(self, read: Callable[[int], T]) -> tuple[int, T, list[tuple[int, str]]]:
@@ -248,28 +230,49 @@ class RunCheckpointer:
 
     def restore_on_one_device(self, step: int | None = None) -> Any:
         """The ``state`` item on this process's first device, whatever topology wrote it (inspection,
-        export, tests). Training resumes use :meth:`restore` with the target shardings instead."""
+        export, tests), checked against the save-time digests like :meth:`restore`. Training resumes use
+        :meth:`restore` with the target shardings instead."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        tree = self._mngr.item_metadata(step)["state"]
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
-        return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        record = self._integrity_record(step)
+        try:
+            tree = self._mngr.item_metadata(step)["state"]
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+            state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except Exception as e:  # noqa: BLE001 - whatever Orbax raises on damaged files: this step is unusable
+            raise CheckpointIntegrityError(f"unreadable ({_root_cause(e)})", step) from e
+        check_digests(state["state"], record, step=step)
+        return state["state"]
+
+    def _integrity_record(self, step: int) -> dict | None:
+        """The save-time state digests of ``step`` (None for steps written before digests were recorded),
+        after checking its metadata against its own digest."""
+        raw = self._read(step, dict(meta=ocp.args.JsonRestore()))["meta"]
+        _, record = self._checked_meta(step, raw)
+        return None if record is None else record.get("state") or {}
 
     def restore_trainable(self, step: int, shardings: Any = None) -> Any:
         """``state["trainable"]`` of ``step`` alone (the optimizer state is not read), on ``shardings`` (a tree
-        like it) or, when None, this process's first device. Used to take the policy out of a run."""
-        stored = self._mngr.item_metadata(step)["state"]["trainable"]
-        if shardings is None:
-            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            shardings = jax.tree.map(lambda _: dev, stored)
-        target = {"trainable": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                                            stored, shardings)}
-        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                      partial_restore=True)
-        with ocp.PyTreeCheckpointer() as reader:
-            return reader.restore(self.directory / str(step) / "state", args=args)["trainable"]
+        like it) or, when None, this process's first device, checked against its save-time digests (a damaged
+        step raises :class:`CheckpointIntegrityError` naming it). Used to take the policy out of a run."""
+        record = self._integrity_record(step)
+        try:
+            stored = self._mngr.item_metadata(step)["state"]["trainable"]
+            if shardings is None:
+                dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                shardings = jax.tree.map(lambda _: dev, stored)
+            target = {"trainable": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                                                stored, shardings)}
+            args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                          partial_restore=True)
+            with ocp.PyTreeCheckpointer() as reader:
+                trainable = reader.restore(self.directory / str(step) / "state", args=args)["trainable"]
+        except Exception as e:  # noqa: BLE001 - whatever Orbax raises on damaged files: this step is unusable
+            raise CheckpointIntegrityError(f"unreadable ({_root_cause(e)})", step) from e
+        check_digests(trainable, record, step=step, prefix="trainable/")
+        return trainable
 
     def read_meta(self, step: int | None = None) -> dict:
         """The ``meta`` item of ``step`` (default: the latest), checked against its save-time digest."""

@@ -160,7 +160,7 @@ class _Regression(_MonteCarlo):
     """psi: advantage scale ψ of the GDSD target (per-token target ψ·A; official yaml 1.0, gsm8k/math
     scripts 10). mc_reduce: ``"sum"`` (official: the squared error is summed over M) or ``"mean"``."""
 
-    psi: float = ranged(1.0)
+    psi: float = ranged(1.0, gt=0, why="the target is psi times the advantage: psi <= 0 removes or reverses the signal")
     mc_reduce: str = "sum"
 
     def _validate(self) -> None:

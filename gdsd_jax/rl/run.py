@@ -26,6 +26,7 @@ from gdsd_jax.training.setup import (
     build_eval_adapter,
     build_mesh,
     build_model,
+    build_task,
     build_task_and_adapter,
     eval_examples,
     index_iterator,
@@ -87,6 +88,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     multihost.initialize(cfg.distributed.coordinator_address, cfg.distributed.num_processes,
                          cfg.distributed.process_id)
     cfg.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
+    task = build_task(cfg)   # settings that need the task (and the code sandbox's layers) fail here, at start
     out = storage_path(cfg.output_dir)     # local or gs://; a bucket without its packages fails here
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if cfg.lora.enabled and not cfg.model.checkpoint and not is_params_checkpoint(out / BASE_DIR):
         # The adapters of a saved step need their base to become a model again (export, eval).
         save_params(out / BASE_DIR, params, model_cfg)
-    task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg)
+    task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg, task=task)
     trainer = RLTrainer(cfg, model_cfg, params, mesh, adapter, task, tokenizer=tokenizer)
     log(describe_advantages(cfg))
     state, frozen = trainer.init_state()

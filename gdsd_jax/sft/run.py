@@ -11,6 +11,7 @@ import jax
 import optax
 from tqdm.auto import tqdm
 
+from gdsd_jax.checkpoint.integrity import CheckpointIntegrityError
 from gdsd_jax.checkpoint.params_io import restore_params, save_params
 from gdsd_jax.config_io import ConfigError, to_dict
 from gdsd_jax.distributed import multihost
@@ -92,9 +93,13 @@ def warm_start(cfg: TrainConfig, mesh, model_cfg, params, *, progress: bool = Tr
     SFT progress bar."""
     cache = Path(cfg.warm_start.cache_dir) / f"{cfg.task.name}-{_warm_start_key(cfg, model_cfg)}"
     if (cache / "params").exists():
-        log(f"warm start: reusing cached SFT checkpoint {cache}")
-        params, model_cfg = restore_params(cache / "params", mesh=mesh)
-        return model_cfg, params
+        try:
+            cached, cached_cfg = restore_params(cache / "params", mesh=mesh)
+        except (CheckpointIntegrityError, ValueError) as e:  # damaged files or metadata: never used, rebuilt
+            log(f"warm start: the cached SFT checkpoint {cache} is damaged ({e}); rebuilding it")
+        else:
+            log(f"warm start: reusing cached SFT checkpoint {cache}")
+            return cached_cfg, cached
     log("warm start: running SFT (cached afterwards)")
     model_cfg, params, history = run_sft(cfg, mesh=mesh, model_cfg=model_cfg, params=params, progress=progress)
     if jax.process_index() == 0:

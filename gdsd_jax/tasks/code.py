@@ -21,10 +21,11 @@ Rewards (maximum total 2.0):
 from __future__ import annotations
 
 import ast
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from gdsd_jax.tasks.base import LocalFileTask, WeightedReward
+from gdsd_jax.tasks.base import LocalFileTask, TaskError, WeightedReward
 from gdsd_jax.tasks.checks import COMPARISONS
 from gdsd_jax.tasks.files import is_nonempty_str, is_nonempty_str_list, load_rows
 from gdsd_jax.tasks.sandbox import Sandbox, SandboxConfig, default_sandbox
@@ -120,8 +121,10 @@ class CodeTask(LocalFileTask):
 
     Args:
       train_file / test_file: JSONL (or Parquet) with ``question`` and ``test_cases``.
-      sandbox: a :class:`~gdsd_jax.tasks.sandbox.Sandbox`, or ``sandbox_config`` to build one (default: the
-        process-wide default sandbox).
+      sandbox: a :class:`~gdsd_jax.tasks.sandbox.Sandbox`, or ``sandbox_config`` (a
+        :class:`~gdsd_jax.tasks.sandbox.SandboxConfig` or its fields as a mapping, e.g. ``{namespaces: auto}``
+        in ``task.kwargs``) to build one (default: the process-wide default sandbox). It is made here, so a
+        required isolation layer the host cannot give fails at construction.
       comparison: ``"strict"`` (default, for training: type and value must match) or ``"python"`` (the
         official assert rule on built-in values, for evaluation parity); see the module docstring.
     """
@@ -131,11 +134,33 @@ class CodeTask(LocalFileTask):
     columns = "'question' and 'test_cases'"
 
     def __init__(self, *, train_file=None, test_file=None, sandbox: Sandbox | None = None,
-                 sandbox_config: SandboxConfig | None = None, comparison: str = "strict"):
+                 sandbox_config: SandboxConfig | Mapping | None = None, comparison: str = "strict"):
         super().__init__(train_file=train_file, test_file=test_file)
         if sandbox is None and sandbox_config is not None:
+            if isinstance(sandbox_config, Mapping):  # from a YAML file: task.kwargs.sandbox_config
+                try:
+                    sandbox_config = SandboxConfig(**sandbox_config)
+                except (TypeError, ValueError) as e:
+                    raise TaskError(f"task 'code': sandbox_config: {e}") from None
             sandbox = Sandbox(sandbox_config)
-        self.pass_rate = CodePassRate(sandbox, comparison=comparison)
+        # Made now, not at the first reward: a layer the host cannot give stops the run at start
+        # (SandboxUnavailable), before anything is built or written.
+        self.pass_rate = CodePassRate(sandbox or default_sandbox(), comparison=comparison)
+        self._check_data_is_hidden()
+
+    def _check_data_is_hidden(self) -> None:
+        """The test asserts must not be readable by the programs: a data file inside a directory the sandbox
+        shows them (e.g. kept inside the interpreter's venv) is refused."""
+        shown = [os.path.realpath(p) for p in self.pass_rate.sandbox.visible_paths()]
+        for split, path in self.files.items():
+            if path is None:
+                continue
+            real = os.path.realpath(path)
+            for root in shown:
+                if real == root or real.startswith(root + os.sep):
+                    raise TaskError(f"task 'code': the {split} file {path} lies inside {root}, which the sandbox "
+                                    f"shows to every program it runs (the interpreter's install or the system's "
+                                    f"libraries); move the data outside it")
 
     def load(self, path) -> list[dict]:
         return load_code(path)

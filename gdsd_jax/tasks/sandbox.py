@@ -28,7 +28,11 @@ Each run is a separate process tree started in its own session (process group) w
   it refuses ``fork``/``exec``/``subprocess``/``os.system``, sockets, ``ctypes``, and file access outside the
   work directory except reading the interpreter's own library directories.
 
-Fallbacks, each announced once by a warning naming the missing layer: without usable namespaces
+**Fail closed.** Every layer is required by default: a sandbox whose namespaces or cgroup cannot be set up
+raises :class:`SandboxUnavailable` when it is created (one line naming the layer, the cause and the setting
+that accepts weaker isolation), so untrusted code never runs with fewer layers than configured.
+``SandboxConfig(namespaces="auto")`` / ``cgroup="auto"`` accept the fallbacks below explicitly, each
+announced once by a warning naming the missing layer: without usable namespaces
 (``unshare`` missing, user namespaces disabled for non-root users, or a first trivial run in them failing,
 e.g. because mounting is refused) there is no network namespace, no
 private ``/proc`` and no minimal root: network access and reading host files are then blocked only by the
@@ -36,8 +40,7 @@ Python guard (and, as root, file permissions against the run's uid), files the p
 host temporary directory (bounded by the file-size limit and the guard's limit on files opened for
 writing), and leftover processes are found and killed by uid (root) or by process group. Without a cgroup
 (no delegated controllers, e.g. an unprivileged user under cgroup v2 without a delegated subtree) memory is
-bounded per process only. ``SandboxConfig(namespaces="require")`` / ``cgroup="require"`` turn a fallback
-into an error. :meth:`Sandbox.capabilities` and every :class:`RunResult` say which layers were active.
+bounded per process only. ``"off"`` skips a layer without a word. :meth:`Sandbox.capabilities` and every :class:`RunResult` say which layers were active.
 
 **The verdict.** :meth:`Sandbox.run` takes the program and its test separately. The test is split
 (:mod:`~gdsd_jax.tasks.checks`) into probes, the expressions the program's process evaluates (``f(3)``),
@@ -70,6 +73,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from gdsd_jax.errors import UserError
 from gdsd_jax.tasks.checks import (
     PROBE_PREFIX,
     STRICT_EQ,
@@ -102,9 +106,11 @@ class SandboxConfig:
       tmpfs_bytes: size of the tmpfs work directory (namespace mode).
       max_write_files: files the Python guard lets the program open for writing.
       num_workers: programs run in parallel by :meth:`Sandbox.run_many`.
-      namespaces: ``"auto"`` (use if the kernel allows), ``"require"`` (error otherwise) or ``"off"``.
+      namespaces: ``"require"`` (default: :class:`SandboxUnavailable` if they cannot be set up), ``"auto"``
+        (accept running without them: weaker isolation, one warning) or ``"off"``.
       cgroup: per-run memory (``memory_bytes``) and process (``max_processes``) caps of the whole run in a
-        cgroup (v2, or the v1 ``memory`` and ``pids`` controllers): ``"auto"``, ``"require"`` or ``"off"``.
+        cgroup (v2, or the v1 ``memory`` and ``pids`` controllers): ``"require"`` (default), ``"auto"`` or
+        ``"off"``, as for ``namespaces``.
       drop_uid: ``"auto"`` (when running as root), True (error if not root) or False.
       python_guard: install the audit-hook guard.
       max_output_bytes: program output kept in :class:`RunResult` (the rest is read and discarded).
@@ -121,8 +127,8 @@ class SandboxConfig:
     tmpfs_bytes: int = 64 << 20
     max_write_files: int = 64
     num_workers: int = 4
-    namespaces: str = "auto"
-    cgroup: str = "auto"
+    namespaces: str = "require"
+    cgroup: str = "require"
     drop_uid: str | bool = "auto"
     python_guard: bool = True
     max_output_bytes: int = 64 << 10
@@ -144,6 +150,17 @@ class SandboxConfig:
                 raise ValueError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)}")
         if self.max_processes < 2:
             raise ValueError("SandboxConfig.max_processes must be >= 2 (supervisor + program)")
+
+
+class SandboxUnavailable(UserError):
+    """A required isolation layer cannot be set up on this host (the message names the layer, the cause and
+    the setting that accepts weaker isolation)."""
+
+
+def _unavailable(layer: str, setting: str, cause: str) -> SandboxUnavailable:
+    return SandboxUnavailable(
+        f"code sandbox: the {layer} layer cannot be set up here ({cause}); untrusted code is not run with weaker "
+        f"isolation unless the sandbox setting {setting}='auto' accepts it explicitly")
 
 
 @dataclasses.dataclass
@@ -252,13 +269,13 @@ class Sandbox:
         self.drop_uid = is_root if self.config.drop_uid == "auto" else bool(self.config.drop_uid)
         self.unshare = None if self.config.namespaces == "off" else _unshare_flags(self.python)
         if self.config.namespaces == "require" and self.unshare is None:
-            raise RuntimeError("SandboxConfig.namespaces='require' but Linux namespaces are not available here "
-                               "(unshare missing, or unprivileged user namespaces disabled)")
+            raise _unavailable("namespaces (network, PID, mount)", "namespaces",
+                               "unshare is missing or not permitted: unprivileged user namespaces disabled?")
         self.cgroups = self._per_run_cgroups()
         if self.unshare is not None and (failure := self._namespace_self_test()):
             if self.config.namespaces == "require":
-                raise RuntimeError(f"SandboxConfig.namespaces='require' but the sandbox's namespaces could not "
-                                   f"be set up: {failure}")
+                raise _unavailable("minimal filesystem view and private /proc", "namespaces",
+                                   f"setting up the namespaces failed: {failure}")
             _warn_once(f"sandbox: namespaces are permitted but setting them up failed ({failure}): no network "
                        "namespace, no private /proc, no minimal filesystem view; falling back to rlimits + "
                        "process groups + the Python guard")
@@ -272,7 +289,7 @@ class Sandbox:
         if manager.kind is not None:
             return manager
         if self.config.cgroup == "require":
-            raise RuntimeError(f"SandboxConfig.cgroup='require' but no cgroup can be made here: {manager.error}")
+            raise _unavailable("per-run cgroup (memory and process caps)", "cgroup", str(manager.error))
         _warn_once(f"sandbox: no per-run memory and process cap ({manager.error}); each process is still limited "
                    f"(address space {self.config.memory_bytes} bytes, {self.config.max_processes} processes of "
                    f"the run's uid), so a run may hold up to {self.config.max_processes} x "
@@ -288,12 +305,30 @@ class Sandbox:
         if known is None:
             try:
                 result = self._run("pass", [])
-                known = "" if result.passed else (result.output.strip().splitlines() or [result.status])[-1]
+                missing = [k for k in ("private_proc", "minimal_root") if not result.layers.get(k)]
+                if result.passed and missing:
+                    known = f"the trial run reported no {' and no '.join(missing)}"
+                else:
+                    known = "" if result.passed else (result.output.strip().splitlines() or [result.status])[-1]
             except Exception as exc:  # a host-side failure is reported like a failed run
                 known = f"{type(exc).__name__}: {exc}"
             with _PROBE_LOCK:
                 _SELF_TEST[key] = known
         return known
+
+    def visible_paths(self) -> list[str]:
+        """The host directories every program sees, read-only, inside the minimal root (the interpreter's
+        install and the system's shared libraries, as the supervisor computes them); [] without namespaces.
+        A file inside one of them (a dataset kept in the venv) is readable by every program."""
+        if self.unshare is None:
+            return []
+        key = (self.python, "visible")
+        with _PROBE_LOCK:
+            if key not in _PROBE_CACHE:
+                out = subprocess.run([self.python, "-I", "-B", _CHILD, "--visible-paths"], capture_output=True,
+                                     text=True, timeout=30, check=True, stdin=subprocess.DEVNULL)
+                _PROBE_CACHE[key] = json.loads(out.stdout)
+            return list(_PROBE_CACHE[key])
 
     def capabilities(self) -> dict:
         """Which isolation layers this sandbox uses."""

@@ -22,6 +22,7 @@ Exit codes: 0 passed, 1 failed, 124 timed out, 125 sandbox set-up failed.
 """
 
 import json
+import math  # imported before the program runs: the judge needs it whatever the program does
 import os
 import resource
 import signal
@@ -128,14 +129,49 @@ def _visible_paths():
     return kept, links
 
 
+_OWN_DIRS = ("/dev", "/proc", "/tmp")  # made by the sandbox itself in the new root
+
+
+def _check_visible(binds):
+    """Refuse a visible path that would hide or expose one of the sandbox's own directories.
+
+    An install *inside* ``/tmp`` or ``/dev`` (a venv under ``/tmp``, an interpreter under ``/dev/shm``) is
+    bound inside the run's own tmpfs or ``/dev``; one that *is* or *contains* them (an install at ``/tmp``)
+    would put a host directory where the run's private one belongs: an error, never a weaker view.
+    """
+    for path in binds:
+        for own in _OWN_DIRS:
+            if own == path or own.startswith(path + "/") or (own == "/proc" and path.startswith("/proc/")):
+                raise OSError(f"the interpreter's install path {path} overlaps the sandbox's own {own}")
+
+
 def _build_root(job):
-    """A minimal root in our own mount namespace (see the module docstring); returns the visible paths."""
+    """A minimal root in our own mount namespace (see the module docstring); returns the visible paths.
+
+    The sandbox's own directories (``/tmp``, ``/dev``, ``/proc``) are made first and the interpreter's install
+    is bound after them, so an install below ``/tmp`` (a venv made there) is bound, read-only, inside the
+    run's tmpfs rather than hidden by it.
+    """
     ctypes, libc = _libc()
     # Never let mount events travel back to the host: make the whole tree private first.
     _mount(libc, ctypes, "none", "/", None, _MS_REC | _MS_PRIVATE)
     new = job["workdir"]
     _mount(libc, ctypes, "tmpfs", new, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
     binds, links = _visible_paths()
+    _check_visible(binds + list(links))
+    os.makedirs(new + "/tmp", mode=0o700)
+    opts = f"size={int(job['tmpfs_bytes'])},mode=0700,nr_inodes=4096"
+    if job.get("uid") is not None:
+        opts += f",uid={int(job['uid'])},gid={int(job['uid'])}"
+    _mount(libc, ctypes, "tmpfs", new + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, opts)
+    _status["layers"]["tmpfs_workdir"] = True
+    os.makedirs(new + "/dev", mode=0o755)
+    for dev in ("null", "zero", "random", "urandom"):
+        open(f"{new}/dev/{dev}", "w").close()
+        _mount(libc, ctypes, f"/dev/{dev}", f"{new}/dev/{dev}", None, _MS_BIND)
+    os.makedirs(new + "/proc", mode=0o555)
+    _mount(libc, ctypes, "proc", new + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _status["layers"]["private_proc"] = True
     for link, target in links.items():
         os.makedirs(new + os.path.dirname(link), mode=0o755, exist_ok=True)
         if not os.path.lexists(new + link):
@@ -148,19 +184,6 @@ def _build_root(job):
             os.makedirs(os.path.dirname(dst), mode=0o755, exist_ok=True)
             open(dst, "w").close()
         _bind_read_only(libc, ctypes, path, dst)
-    os.makedirs(new + "/dev", mode=0o755)
-    for dev in ("null", "zero", "random", "urandom"):
-        open(f"{new}/dev/{dev}", "w").close()
-        _mount(libc, ctypes, f"/dev/{dev}", f"{new}/dev/{dev}", None, _MS_BIND)
-    os.makedirs(new + "/proc", mode=0o555)
-    _mount(libc, ctypes, "proc", new + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    _status["layers"]["private_proc"] = True
-    os.makedirs(new + "/tmp", mode=0o700)
-    opts = f"size={int(job['tmpfs_bytes'])},mode=0700,nr_inodes=4096"
-    if job.get("uid") is not None:
-        opts += f",uid={int(job['uid'])},gid={int(job['uid'])}"
-    _mount(libc, ctypes, "tmpfs", new + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, opts)
-    _status["layers"]["tmpfs_workdir"] = True
     _mount(libc, ctypes, None, new, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     os.chdir(new)
     if libc.syscall(_SYS_PIVOT_ROOT[os.uname().machine], b".", b".") != 0:
@@ -505,10 +528,22 @@ def _strict_in(item, container):
     return item in container
 
 
+def _bounded_repr(value, limit=160):
+    """``repr`` for a failure message, never raising and never long: a huge integer (beyond the interpreter's
+    digit limit, where ``repr`` raises) is described by its size, anything unprintable by its type."""
+    try:
+        if type(value) is int and value.bit_length() > 1024:
+            text = f"<int of {value.bit_length()} bits>"
+        else:
+            text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - e.g. ValueError: exceeds the limit for integer string conversion
+        text = f"<{type(value).__name__} that cannot be shown: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _judge(verdict, data):
     """(passed, detail): every judgement evaluated on the decoded probe values of its record."""
     import builtins
-    import math
 
     judgements, trusted, names = verdict["judgements"], verdict["trusted"], verdict["names"]
     if len(data) > _MAX_RECORD_BYTES:
@@ -534,7 +569,7 @@ def _judge(verdict, data):
         except Exception as exc:  # noqa: BLE001 - a judgement that raises is a failed check
             return False, f"check {i}: {judgement} raised {type(exc).__name__}: {exc}"[:500]
         if not ok:
-            shown = ", ".join(f"{names['probe']}{j} = {v!r}"[:200] for j, v in enumerate(values))
+            shown = ", ".join(f"{names['probe']}{j} = {_bounded_repr(v)}" for j, v in enumerate(values))
             return False, f"check {i} failed: {judgement} with {shown}"[:1000]
     return True, ""
 
@@ -648,7 +683,10 @@ def main():
         code = 124
     else:
         exited_ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        passed, detail = _judge(verdict, data) if exited_ok else (False, "")
+        try:
+            passed, detail = _judge(verdict, data) if exited_ok else (False, "")
+        except Exception as exc:  # noqa: BLE001 - values the judge cannot handle are a failed test, not an error
+            passed, detail = False, f"the tested values could not be judged ({type(exc).__name__})"
         _report("passed" if passed else "failed", detail=detail,
                 exit=os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
         code = 0 if passed else 1
@@ -657,4 +695,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--visible-paths"]:  # the host asks what a program will see (nothing else is run)
+        print(json.dumps(_visible_paths()[0]))
+    else:
+        main()

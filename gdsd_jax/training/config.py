@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from gdsd_jax.config_io import ConfigError, build, check_ranges, ranged, to_dict
 from gdsd_jax.distributed.mesh import mesh_shape, parse_mesh_spec
-from gdsd_jax.loading import model_family
+from gdsd_jax.loading import model_family, model_max_seq_len
 from gdsd_jax.models.lora import TARGETS as LORA_TARGETS
 from gdsd_jax.objectives import ObjectiveConfig, get_objective, objective_config
 from gdsd_jax.sampling import SamplingConfig
@@ -55,7 +55,7 @@ class RLSection:
     num_iterations: int = ranged(1, gt=0)      # mu optimizer passes over one rollout buffer
     micro_batch_size: int = ranged(128, gt=0)  # rows per gradient-accumulation micro-batch (global)
     total_steps: int = ranged(300, gt=0)
-    seed: int = ranged(0, ge=0)
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
     # Group-relative advantages (gdsd_jax/objectives/advantages.py). None (the default) takes the objective's
     # own choice (Objective.advantage_method / advantage_scale_std: leave-one-out for the GDSD family and
     # ESPO, group mean for SPG and wd1, std-scaled group mean for d1); a value here overrides it (logged).
@@ -104,7 +104,8 @@ class CheckpointSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSection:
     every: int = ranged(0, ge=0)        # 0 = only before and after training
-    split: str = "test"                 # "validation" where the task ships one (hyper-parameter selection)
+    # "validation" where the task ships one (hyper-parameter selection)
+    split: Literal["train", "validation", "test"] = "test"
     # Evaluate the starting weights at step 0. An experiment whose runs share one warm start measures it once
     # and turns this off in every run.
     initial: bool = True
@@ -127,7 +128,7 @@ class SFTSection:
     min_t: float = ranged(1e-3, gt=0, lt=1)
     eval_every: int = ranged(10, ge=0)
     stop_at_reward: float | None = ranged(None)     # stop at the first eval with test reward >= this
-    seed: int = ranged(0, ge=0)
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -205,6 +206,10 @@ class TrainConfig:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
                               f"rl.total_steps={rl.total_steps} for the cosine schedule (it decays over the steps "
                               f"after the warm-up); lower it or set optim.schedule=constant")
+        if rl.reward_weights and self.task.format != "chat":
+            raise ConfigError(f"rl.reward_weights={dict(rl.reward_weights)} weighs the chat format's reward functions; "
+                              f"task.format={self.task.format} scores with the task's single compact reward: remove "
+                              f"rl.reward_weights or set task.format=chat")
         for name, weight in rl.reward_weights.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ConfigError(f"rl.reward_weights.{name}={weight!r}: expected a finite number")
@@ -213,9 +218,15 @@ class TrainConfig:
                 raise ConfigError(f"lora.targets={list(self.lora.targets)}: expected a non-empty subset of "
                                   f"{list(LORA_TARGETS)}")
         family = self._model_family()
+        max_len = self._max_seq_len()
         self._check_task()
         for key, scfg in (("sampling", self.sampling), ("eval.sampling", self.eval_sampling_config())):
             _check_sampler_layout(key, scfg, family)
+            total = self.task.prompt_length + scfg.gen_length
+            if max_len is not None and total > max_len:
+                raise ConfigError(f"{key}.gen_length={scfg.gen_length} + task.prompt_length={self.task.prompt_length} "
+                                  f"= {total} exceeds the model's max_seq_len={max_len}; lower them (at most "
+                                  f"{max_len - self.task.prompt_length} tokens of generation)")
         mesh = self._mesh_axes()
         if num_devices is not None:
             self._check_batches(mesh, num_devices, num_processes)
@@ -233,6 +244,14 @@ class TrainConfig:
             raise ConfigError(f"model.overrides: {e}") from None
         except ValueError as e:
             raise ConfigError(f"model.preset: {e}") from None
+
+    def _max_seq_len(self) -> int | None:
+        """The model's longest sequence when it is known without loading weights (``model.overrides`` apply)."""
+        if "max_seq_len" in self.model.overrides:
+            return int(self.model.overrides["max_seq_len"])
+        if self.model.checkpoint:
+            return model_max_seq_len(self.model.checkpoint)
+        return model_preset(self.model.preset, **self.model.overrides).max_seq_len
 
     def _check_task(self) -> None:
         """The task exists, takes ``task.kwargs`` and offers the evaluation protocol they ask for (the

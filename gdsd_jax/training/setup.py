@@ -13,7 +13,7 @@ from gdsd_jax.distributed.mesh import make_mesh, parse_mesh_spec
 from gdsd_jax.loading import load_denoiser
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.models.denoiser import init_params
-from gdsd_jax.tasks.base import get_task
+from gdsd_jax.tasks.base import Task, get_task
 from gdsd_jax.training.config import TrainConfig
 from gdsd_jax.training.presets import model_preset
 from gdsd_jax.training.task_adapter import make_adapter
@@ -37,8 +37,36 @@ def build_model(cfg: TrainConfig, mesh) -> tuple[DenoiserConfig, dict]:
     return model_cfg, init_params(model_cfg, jax.random.key(cfg.rl.seed + 17), mesh)
 
 
-def build_task_and_adapter(cfg: TrainConfig, model_cfg: DenoiserConfig, split: str = "train"):
+def build_task(cfg: TrainConfig) -> Task:
+    """The run's task, checked against the settings that need it, before any model is built or anything
+    written: its isolation layers (the code task's sandbox is made now and refuses to run without a
+    required layer), ``eval.split``, the compact prompts against ``task.prompt_length``, and the names in
+    ``rl.reward_weights`` against the task's reward functions. Each failure is one :class:`ConfigError`
+    (or the task's own :class:`~gdsd_jax.errors.UserError`) naming the setting."""
     task = get_task(cfg.task.name, **cfg.task.kwargs)
+    if cfg.rl.reward_weights:
+        names = [wr.name for wr in task.rewards()]
+        unknown = sorted(set(cfg.rl.reward_weights) - set(names))
+        if unknown:
+            raise ConfigError(f"rl.reward_weights names unknown reward function(s) {unknown}; task "
+                              f"{cfg.task.name!r} has {names}")
+    try:
+        evaluated = task.examples(cfg.eval.split)
+    except ValueError as e:
+        raise ConfigError(f"eval.split={cfg.eval.split!r}: {e}") from None
+    if cfg.task.format == "compact" and getattr(task, "supports_compact", False):
+        prompts = [*task.examples("train"), *evaluated]
+        longest = max((len(task.compact_prompt(ex)) for ex in prompts), default=0)
+        if longest > cfg.task.prompt_length:
+            raise ConfigError(f"task.prompt_length={cfg.task.prompt_length} is shorter than the task's longest "
+                              f"prompt ({longest} tokens); set task.prompt_length={longest} or more")
+    return task
+
+
+def build_task_and_adapter(cfg: TrainConfig, model_cfg: DenoiserConfig, split: str = "train",
+                           task: Task | None = None):
+    """The task (``task``, made by :func:`build_task`, or made now) with its token adapter and tokenizer."""
+    task = build_task(cfg) if task is None else task
     tokenizer = None
     if cfg.task.format == "chat":
         if not cfg.model.tokenizer and not cfg.model.checkpoint:
