@@ -19,7 +19,7 @@ from gdsd_jax.models.config import (
     EXECUTION_DEFAULTS,
     DenoiserConfig,
     execution_platform,
-    execution_summary,
+    execution_record,
     resolve_execution,
     tiny_dream,
 )
@@ -130,13 +130,15 @@ def test_auto_on_the_cpu_is_bitwise_the_cpu_paths(reference):
 
 def test_auto_resolution_per_backend_and_explicit_values_win():
     cfg = tiny_dream()
-    assert execution_summary(resolve_execution(cfg, "tpu")) == dict(
-        attention_impl="splash", merge_projections=False, merge_token_dims=False, scan_layers=True)
+    tpu = resolve_execution(cfg, "tpu")
+    assert (tpu.attention_impl, tpu.merge_projections, tpu.merge_token_dims) == ("splash", False, False)
     assert resolve_execution(cfg, "gpu").attention_impl == "xla"
     pinned = cfg.replace(attention_impl="xla", merge_token_dims=True)
     tpu = resolve_execution(pinned, "tpu")
     assert (tpu.attention_impl, tpu.merge_projections, tpu.merge_token_dims) == ("xla", False, True)
     assert execution_platform(None) == "cpu"
-    assert execution_platform(jax.make_mesh((8,), ("fsdp",))) == "cpu"
+    assert execution_record(cfg, jax.make_mesh((8,), ("fsdp",))) == dict(
+        platform="cpu", attention_impl="custom_vjp", merge_projections=True, merge_token_dims=True,
+        scan_layers=True)
     with pytest.raises(ValueError, match="unknown platform 'metal'"):
         resolve_execution(cfg, "metal")

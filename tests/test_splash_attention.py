@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdsd_jax.models.config import execution_platform, resolve_execution, tiny_dream, tiny_llada
+from gdsd_jax.models.config import execution_platform, execution_record, tiny_dream, tiny_llada
 from gdsd_jax.models.denoiser import (
     attention_reference,
     cached_logits,
@@ -225,7 +225,9 @@ def test_auto_picks_the_kernel_for_tpu_devices_and_it_compiles():
 
     mesh = make_mesh(data=1, fsdp=4, tensor=1, devices=tpu_devices("v5p", 4))
     assert jax.default_backend() == "cpu" and execution_platform(mesh) == "tpu"
-    assert resolve_execution(tiny_dream(), execution_platform(mesh)).attention_impl == "splash"
+    assert execution_record(tiny_dream(), mesh) == dict(platform="tpu", attention_impl="splash",
+                                                         merge_projections=False, merge_token_dims=False,
+                                                         scan_layers=True)
     shape = (4, 200, 8, 128)
     spec = named_sharding(mesh, ("batch", "length", "heads", "head_dim"), shape)
     args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=spec) for _ in range(3)]
@@ -239,4 +241,11 @@ def test_auto_picks_the_kernel_for_tpu_devices_and_it_compiles():
     # operands, which it rejects ("Bad lhs type"); a TPU run uses the default precision.
     with jax.default_matmul_precision("default"):
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args, am).compile()
-    assert "tpu_custom_call" in compiled.as_text()
+        # The cached block's forward-only call: a 33-query window (Dream's block of 32 plus the position
+        # before it; one 48-row query block) against the cached and fresh keys.
+        window = jax.ShapeDtypeStruct((4, 33, 8, 128), jnp.bfloat16, sharding=named_sharding(
+            mesh, ("batch", "length", "heads", "head_dim"), (4, 33, 8, 128)))
+        wmask = jax.ShapeDtypeStruct((4, 1, 33, 200), jnp.bool_, sharding=am.sharding)
+        cached = jax.jit(lambda q, k, v, m: splash_attention(q, k, v, m, 11.3, mesh=mesh, backward=False)).lower(
+            window, *args[1:], wmask).compile()
+    assert "tpu_custom_call" in compiled.as_text() and "tpu_custom_call" in cached.as_text()

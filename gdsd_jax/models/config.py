@@ -237,9 +237,13 @@ def resolve_execution(cfg: DenoiserConfig, platform: str) -> DenoiserConfig:
     return cfg.replace(**{k: v for k, v in defaults.items() if getattr(cfg, k) == "auto"})
 
 
-def execution_summary(cfg: DenoiserConfig) -> dict[str, str | bool]:
-    """The execution switches of ``cfg`` as a dict (what a run records after :func:`resolve_execution`)."""
-    return {name: getattr(cfg, name) for name in (*EXECUTION_DEFAULTS["cpu"], "scan_layers")}
+def execution_record(cfg: DenoiserConfig, mesh: Mesh | None = None) -> dict[str, str | bool]:
+    """What the model runs on ``mesh``'s devices: ``{"platform", "attention_impl", "merge_projections",
+    "merge_token_dims", "scan_layers"}`` after :func:`resolve_execution` (what a run logs and records)."""
+    platform = execution_platform(mesh)
+    resolved = resolve_execution(cfg, platform)
+    return {"platform": platform, **{name: getattr(resolved, name)
+                                     for name in (*EXECUTION_DEFAULTS["cpu"], "scan_layers")}}
 
 
 # ---- presets ------------------------------------------------------------------------------------

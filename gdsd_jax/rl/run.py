@@ -17,7 +17,7 @@ from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.config_io import ConfigError, build, to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.loading import write_policy
-from gdsd_jax.models.config import execution_platform, execution_summary, resolve_execution
+from gdsd_jax.models.config import execution_record
 from gdsd_jax.rl.trainer import NonFiniteError, RLTrainer, merged_policy_params
 from gdsd_jax.sft.run import warm_start
 from gdsd_jax.training.config import TrainConfig
@@ -121,8 +121,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     trainer = RLTrainer(cfg, model_cfg, params, mesh, adapter, task, tokenizer=tokenizer)
     log(describe_advantages(cfg))
     # The config keeps "auto" (a saved policy stays portable across backends); the run records what it chose.
-    platform = execution_platform(mesh)
-    execution = {"platform": platform, **execution_summary(resolve_execution(model_cfg, platform))}
+    execution = execution_record(model_cfg, mesh)
     log("model execution: " + ", ".join(f"{k}={v}" for k, v in execution.items()))
     state, frozen = trainer.init_state()
     train = list(task.examples("train"))
