@@ -142,3 +142,5 @@ def test_auto_resolution_per_backend_and_explicit_values_win():
         scan_layers=True)
     with pytest.raises(ValueError, match="unknown platform 'metal'"):
         resolve_execution(cfg, "metal")
+    with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+        resolve_execution(cfg.replace(attention_impl="splash"), "gpu")

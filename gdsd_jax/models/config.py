@@ -225,12 +225,16 @@ def resolve_execution(cfg: DenoiserConfig, platform: str) -> DenoiserConfig:
     """``cfg`` with every ``"auto"`` execution switch replaced by the value :data:`EXECUTION_DEFAULTS` gives
     ``platform`` (``"cpu" | "tpu" | "gpu"``, e.g. from :func:`execution_platform`); explicit values are kept.
 
-    The single place ``"auto"`` is decided: the model's entry points call it with the devices they are
-    compiled for, and a run calls it once to log and record the choice.
+    The single place ``"auto"`` is decided: every transformer block calls it with the devices it is compiled
+    for, and a run calls it once (through :func:`execution_record`) to log and record the choice; an
+    explicit ``"splash"`` on a GPU is refused here, so before a run builds anything.
     """
     if platform not in EXECUTION_DEFAULTS:
         raise ValueError(f"resolve_execution: unknown platform {platform!r}; expected one of "
                          f"{sorted(EXECUTION_DEFAULTS)}")
+    if cfg.attention_impl == "splash" and platform == "gpu":
+        raise ValueError("DenoiserConfig.attention_impl='splash' is a TPU kernel (Pallas interpret mode on the "
+                         "CPU, for tests); on a GPU use 'xla' or 'auto'")
     if cfg.execution_resolved:
         return cfg
     defaults = EXECUTION_DEFAULTS[platform]

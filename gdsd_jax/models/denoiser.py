@@ -422,9 +422,6 @@ def block_with_kv(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Ar
     """
     platform = execution_platform(mesh)
     cfg = resolve_execution(cfg, platform)
-    if cfg.attention_impl == "splash" and platform == "gpu":
-        raise ValueError("DenoiserConfig.attention_impl='splash' is a TPU kernel (interpret mode on the CPU for "
-                         "tests); on GPU use 'xla' or 'auto'")
     dtype = cfg.dtype
     merge, tokens = _merge_projections(cfg, mesh), cfg.merge_token_dims
     x = rms_norm(h, layer["attn_norm"], cfg.rms_eps)
