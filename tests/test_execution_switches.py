@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdsd_jax.models.config import DenoiserConfig, tiny_dream
+from gdsd_jax.models.config import (
+    EXECUTION_DEFAULTS,
+    DenoiserConfig,
+    execution_platform,
+    execution_record,
+    resolve_execution,
+    tiny_dream,
+)
 from gdsd_jax.models.denoiser import attention, attention_reference, init_params, logits
 from gdsd_jax.models.lora import init_lora
 
@@ -92,10 +99,14 @@ def test_the_portable_attention_supports_forward_mode():
         jax.jvp(lambda q: attention(q, k, v, None), (q,), (jnp.ones_like(q),))
 
 
-def test_the_defaults_keep_the_cpu_paths_and_old_configs_load():
-    """A checkpoint's config written before the switches existed loads with today's (CPU) paths."""
+def test_the_defaults_resolve_to_the_cpu_paths_and_old_configs_load():
+    """The switches default to ``auto``, which on the CPU is exactly the paths the CPU numbers were measured
+    with; a checkpoint's config written before the switches existed loads with them."""
     cfg = tiny_dream()
     assert (cfg.attention_impl, cfg.merge_projections, cfg.merge_token_dims, cfg.scan_layers) == \
+        ("auto", "auto", "auto", True)
+    cpu = resolve_execution(cfg, "cpu")
+    assert (cpu.attention_impl, cpu.merge_projections, cpu.merge_token_dims, cpu.scan_layers) == \
         ("custom_vjp", True, True, True)
     old = {k: v for k, v in cfg.to_dict().items()
            if k not in ("attention_impl", "merge_projections", "merge_token_dims")}
@@ -104,3 +115,32 @@ def test_the_defaults_keep_the_cpu_paths_and_old_configs_load():
         cfg.replace(attention_impl="flash")
     with pytest.raises(ValueError, match="merge_token_dims='yes'"):
         cfg.replace(merge_token_dims="yes")
+
+
+def test_auto_on_the_cpu_is_bitwise_the_cpu_paths(reference):
+    """The CPU defaults did not move: ``auto`` compiles to the same program as the explicit CPU switches."""
+    params, lora, _, _ = reference
+    auto = _model(attention_impl="auto", merge_projections="auto", merge_token_dims="auto")
+    explicit = _model(**EXECUTION_DEFAULTS["cpu"])
+    assert jax.default_backend() == "cpu"
+    for got, want in zip(jax.tree.leaves(_outputs(auto, params, lora)),
+                         jax.tree.leaves(_outputs(explicit, params, lora))):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_auto_resolution_per_backend_and_explicit_values_win():
+    cfg = tiny_dream()
+    tpu = resolve_execution(cfg, "tpu")
+    assert (tpu.attention_impl, tpu.merge_projections, tpu.merge_token_dims) == ("splash", False, False)
+    assert resolve_execution(cfg, "gpu").attention_impl == "xla"
+    pinned = cfg.replace(attention_impl="xla", merge_token_dims=True)
+    tpu = resolve_execution(pinned, "tpu")
+    assert (tpu.attention_impl, tpu.merge_projections, tpu.merge_token_dims) == ("xla", False, True)
+    assert execution_platform(None) == "cpu"
+    assert execution_record(cfg, jax.make_mesh((8,), ("fsdp",))) == dict(
+        platform="cpu", attention_impl="custom_vjp", merge_projections=True, merge_token_dims=True,
+        scan_layers=True)
+    with pytest.raises(ValueError, match="unknown platform 'metal'"):
+        resolve_execution(cfg, "metal")
+    with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+        resolve_execution(cfg.replace(attention_impl="splash"), "gpu")

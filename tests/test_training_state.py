@@ -313,6 +313,20 @@ def three_step_run(tmp_path_factory):
     return run
 
 
+def test_the_run_records_the_execution_paths_it_chose(three_step_run):
+    """The model config keeps ``auto`` (a saved policy stays portable across backends); the checkpoint
+    metadata records what this CPU run resolved it to."""
+    ck = RunCheckpointer(three_step_run / "checkpoints")
+    _, meta = ck.newest_meta()
+    ck.close()
+    assert meta["model_config"]["attention_impl"] == "auto"
+    execution = meta["execution"]
+    assert execution["platform"] == "cpu"
+    assert (execution["attention_impl"], execution["merge_projections"], execution["merge_token_dims"]) == \
+        ("custom_vjp", True, True)
+    assert execution["scan_layers"] == meta["model_config"]["scan_layers"]
+
+
 def _copy_run(src: Path, dst: Path) -> Path:
     """A copy of the run as if it had stopped before its final evaluation (a resume of a run whose final
     evaluation is written does nothing)."""

@@ -122,6 +122,7 @@ def run(args) -> int:
         return _run_child(args)
 
     from gdsd_jax.experiments import plan
+    from gdsd_jax.models.config import execution_record
     from gdsd_jax.training.config import TrainConfig
 
     try:
@@ -141,6 +142,7 @@ def run(args) -> int:
     print(f"plan: {rl.prompts_per_step} prompts x {rl.num_generations} = {rl.prompts_per_step * rl.num_generations} "
           f"rows per step, micro-batch {rl.micro_batch_size}, {rl.num_iterations} inner iterations; "
           f"sequence {cfg.task.prompt_length} + {cfg.sampling.gen_length} tokens")
+    print("plan: model execution: " + ", ".join(f"{k}={v}" for k, v in execution_record(model_cfg, mesh).items()))
     rows = plan.plan_recipe(cfg, model_cfg, mesh, modes=modes, remats=remats, model_name=name,
                             progress=not args.no_progress, log=print)
     print()

@@ -129,8 +129,10 @@ def tpu_devices(generation: str, num_devices: int) -> list:
     prefix, chip_config, shapes = _TPU_TOPOLOGY[generation]
     if num_devices not in shapes:
         raise ValueError(f"{generation} with {num_devices} chips: supported slice sizes are {sorted(shapes)}")
-    # No metadata server here: libtpu must not look for one.
+    # No metadata server here: libtpu must not look for one. Nor take the machine-wide TPU lock: compiling
+    # touches no chip, and several planners (or a planner and a test) may compile at once.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     require_libtpu(generation)
     topo = get_topology_desc(platform="tpu", topology_name=f"{prefix}:{shapes[num_devices]}",
                              chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1), num_slices=1)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 Family = Literal["llada", "dream"]
 FAMILIES: tuple[str, ...] = ("llada", "dream")
@@ -27,10 +29,23 @@ FAMILIES: tuple[str, ...] = ("llada", "dream")
 #: (weights-stationary projections) and recomputes the cheap element-wise work.
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots")
 
-#: The attention core's gradient: ``"xla"`` differentiates the plain einsum/softmax/einsum composition with
-#: JAX's autodiff (the portable reference); ``"custom_vjp"`` uses the hand-written backward of
-#: :func:`gdsd_jax.models.denoiser.attention` (faster on XLA:CPU; reverse mode only).
-ATTENTION_IMPLS: tuple[str, ...] = ("xla", "custom_vjp")
+#: The attention core: ``"xla"`` differentiates the plain einsum/softmax/einsum composition with JAX's
+#: autodiff (the portable reference); ``"custom_vjp"`` uses the hand-written backward of
+#: :func:`gdsd_jax.models.denoiser.attention` (faster on XLA:CPU; reverse mode only); ``"splash"`` runs the
+#: Pallas TPU kernel of :mod:`gdsd_jax.models.splash` (Pallas interpret mode off the TPU, for tests);
+#: ``"auto"`` picks per backend (:data:`EXECUTION_DEFAULTS`).
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "custom_vjp", "splash")
+
+#: The switches that ``"auto"`` resolves, and what it resolves them to on each backend (device platform).
+#: CPU: the paths this project's CPU numbers were measured with (hand-written attention backward, merged
+#: projections, merged token dims; docs/training.md explains each). TPU: the portable projections, which
+#: the TPU compiler tiles as written, and the splash attention kernel. GPU: the portable reference (the
+#: kernel is TPU-only). :func:`resolve_execution` is the one place these are applied.
+EXECUTION_DEFAULTS: dict[str, dict[str, str | bool]] = {
+    "cpu": {"attention_impl": "custom_vjp", "merge_projections": True, "merge_token_dims": True},
+    "tpu": {"attention_impl": "splash", "merge_projections": False, "merge_token_dims": False},
+    "gpu": {"attention_impl": "xla", "merge_projections": False, "merge_token_dims": False},
+}
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -69,17 +84,21 @@ class DenoiserConfig:
 
     Execution switches (the same function either way; docs/training.md, "Model execution switches"). The
     portable reference is ``attention_impl="xla"``, ``merge_projections=False``, ``merge_token_dims=False``,
-    ``scan_layers=True``; the defaults keep what runs fastest on XLA:CPU, where the project's numbers were
-    measured, and each is a plain reformulation of the reference (tests compare outputs and gradients):
+    ``scan_layers=True``; each other value is a plain reformulation of the reference (tests compare outputs
+    and gradients). The first three default to ``"auto"``, resolved by :func:`resolve_execution` from the
+    devices the program runs on (:data:`EXECUTION_DEFAULTS`: on CPU exactly the paths the project's CPU
+    numbers were measured with; on TPU the portable projections and the splash kernel):
 
-      attention_impl: one of :data:`ATTENTION_IMPLS`. ``"custom_vjp"`` (default) avoids the slow fused
-        kernels XLA:CPU builds for the autodiff backward; ``"xla"`` lets the compiler differentiate the
-        composition (forward-mode autodiff works, and a TPU / GPU compiler fuses it well).
-      merge_projections: compute q/k/v (and gate/up) as one matmul against the concatenated weights, so
-        the backward transposes the activations once (default True; always off with a ``tensor`` mesh
-        axis, where the concatenation would regather the split outputs).
-      merge_token_dims: fold the batch and length dims into one before every projection (default True):
-        the weight gradient then contracts one dim, which avoids a strided transposed copy on XLA:CPU.
+      attention_impl: one of :data:`ATTENTION_IMPLS`. ``"custom_vjp"`` avoids the slow fused kernels
+        XLA:CPU builds for the autodiff backward; ``"xla"`` lets the compiler differentiate the composition
+        (forward-mode autodiff works, and a TPU / GPU compiler fuses it well); ``"splash"`` is the Pallas
+        TPU flash-attention kernel (key-padding masks only, which is every mask the model builds).
+      merge_projections: ``True``, ``False`` or ``"auto"``. Compute q/k/v (and gate/up) as one matmul
+        against the concatenated weights, so the backward transposes the activations once (always off with
+        a ``tensor`` mesh axis, where the concatenation would regather the split outputs).
+      merge_token_dims: ``True``, ``False`` or ``"auto"``. Fold the batch and length dims into one before
+        every projection: the weight gradient then contracts one dim, which avoids a strided transposed
+        copy on XLA:CPU.
       scan_layers: run the blocks with ``lax.scan`` over stacked parameters (constant compile time in
         depth; default True). Parameters are always stored stacked ``[num_layers, ...]``; ``False`` unrolls
         a Python loop over the same arrays (faster for a few narrow layers on the CPU, where the scan's
@@ -106,9 +125,9 @@ class DenoiserConfig:
     remat: str = "none"
     scan_layers: bool = True
     learned_positions: bool = False
-    attention_impl: str = "custom_vjp"
-    merge_projections: bool = True
-    merge_token_dims: bool = True
+    attention_impl: str = "auto"
+    merge_projections: bool | str = "auto"
+    merge_token_dims: bool | str = "auto"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -127,9 +146,12 @@ class DenoiserConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"DenoiserConfig.attention_impl={self.attention_impl!r}; expected one of "
                              f"{ATTENTION_IMPLS}")
-        for name in ("scan_layers", "learned_positions", "merge_projections", "merge_token_dims"):
+        for name in ("scan_layers", "learned_positions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DenoiserConfig.{name}={getattr(self, name)!r}; expected true or false")
+        for name in ("merge_projections", "merge_token_dims"):
+            if not (isinstance(getattr(self, name), bool) or getattr(self, name) == "auto"):
+                raise ValueError(f"DenoiserConfig.{name}={getattr(self, name)!r}; expected true, false or auto")
         dtype_from_name(self.param_dtype)
         dtype_from_name(self.compute_dtype)
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
@@ -137,6 +159,11 @@ class DenoiserConfig:
                 raise ValueError(f"DenoiserConfig.{name}={getattr(self, name)} outside [0, {self.vocab_size})")
 
     # ---- derived -------------------------------------------------------------------------------
+    @property
+    def execution_resolved(self) -> bool:
+        """Whether no execution switch is left at ``"auto"`` (see :func:`resolve_execution`)."""
+        return all(getattr(self, name) != "auto" for name in EXECUTION_DEFAULTS["cpu"])
+
     @property
     def shifted_logits(self) -> bool:
         """Whether the raw network predicts the next token (Dream) and must be re-aligned."""
@@ -179,6 +206,48 @@ class DenoiserConfig:
             per_layer += q + 2 * kv
         pos = self.max_seq_len * d if self.learned_positions else 0
         return 2 * v * d + n * per_layer + d + pos
+
+
+# ---- execution switches by backend --------------------------------------------------------------
+
+def execution_platform(mesh: Mesh | None = None) -> str:
+    """The platform the model's programs are compiled for: ``"cpu"``, ``"tpu"`` or ``"gpu"``.
+
+    With a mesh, its devices' platform: under a deviceless TPU compile (``gdsd-jax plan --target v5p``,
+    ``jax.experimental.topologies``) those are TPU devices although the default backend is the CPU. Without
+    one, ``jax.default_backend()`` (the devices a mesh-less ``jit`` runs on). CUDA and ROCm count as ``gpu``.
+    """
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return platform if platform in ("cpu", "tpu") else "gpu"
+
+
+def resolve_execution(cfg: DenoiserConfig, platform: str) -> DenoiserConfig:
+    """``cfg`` with every ``"auto"`` execution switch replaced by the value :data:`EXECUTION_DEFAULTS` gives
+    ``platform`` (``"cpu" | "tpu" | "gpu"``, e.g. from :func:`execution_platform`); explicit values are kept.
+
+    The single place ``"auto"`` is decided: every transformer block calls it with the devices it is compiled
+    for, and a run calls it once (through :func:`execution_record`) to log and record the choice; an
+    explicit ``"splash"`` on a GPU is refused here, so before a run builds anything.
+    """
+    if platform not in EXECUTION_DEFAULTS:
+        raise ValueError(f"resolve_execution: unknown platform {platform!r}; expected one of "
+                         f"{sorted(EXECUTION_DEFAULTS)}")
+    if cfg.attention_impl == "splash" and platform == "gpu":
+        raise ValueError("DenoiserConfig.attention_impl='splash' is a TPU kernel (Pallas interpret mode on the "
+                         "CPU, for tests); on a GPU use 'xla' or 'auto'")
+    if cfg.execution_resolved:
+        return cfg
+    defaults = EXECUTION_DEFAULTS[platform]
+    return cfg.replace(**{k: v for k, v in defaults.items() if getattr(cfg, k) == "auto"})
+
+
+def execution_record(cfg: DenoiserConfig, mesh: Mesh | None = None) -> dict[str, str | bool]:
+    """What the model runs on ``mesh``'s devices: ``{"platform", "attention_impl", "merge_projections",
+    "merge_token_dims", "scan_layers"}`` after :func:`resolve_execution` (what a run logs and records)."""
+    platform = execution_platform(mesh)
+    resolved = resolve_execution(cfg, platform)
+    return {"platform": platform, **{name: getattr(resolved, name)
+                                     for name in (*EXECUTION_DEFAULTS["cpu"], "scan_layers")}}
 
 
 # ---- presets ------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gdsd_jax.distributed.mesh import constrain, named_sharding
-from gdsd_jax.models.config import DenoiserConfig
+from gdsd_jax.models.config import DenoiserConfig, execution_platform, resolve_execution
+from gdsd_jax.models.splash import splash_attention
 
 Params = dict[str, Any]
 
@@ -384,6 +385,28 @@ def _masked_concat_attention(q, k_cache, v_cache, k_new, v_new, mask_cache, mask
     return _from_kv_major(out, width)
 
 
+def _core_attention(cfg: DenoiserConfig, mesh: Mesh | None, platform: str, q, k, v, mask, divisor):
+    """The attention of ``cfg.attention_impl`` (resolved) over one key set; shapes as :func:`attention`."""
+    if cfg.attention_impl == "splash":
+        _check_attention_shapes(q, k, v, mask)
+        return splash_attention(q, k, v, mask, divisor, mesh=mesh, interpret=platform != "tpu")
+    core = attention if cfg.attention_impl == "custom_vjp" else attention_reference
+    return core(q, k, v, mask, divisor)
+
+
+def _cached_attention(cfg: DenoiserConfig, mesh: Mesh | None, platform: str, q, k_cache, v_cache, k_new, v_new,
+                      mask_cache, mask_new, divisor):
+    """The cached block's attention over the cached and the fresh keys; shapes as
+    :func:`_masked_concat_attention`. The splash kernel takes one key set, so its path concatenates them
+    (one copy of the layer's cache; forward-only kernel)."""
+    if cfg.attention_impl == "splash":
+        k, v = jnp.concatenate([k_cache, k_new], axis=1), jnp.concatenate([v_cache, v_new], axis=1)
+        mask = jnp.concatenate([mask_cache, mask_new], axis=-1)
+        _check_attention_shapes(q, k, v, mask)
+        return splash_attention(q, k, v, mask, divisor, mesh=mesh, backward=False, interpret=platform != "tpu")
+    return _masked_concat_attention(q, k_cache, v_cache, k_new, v_new, mask_cache, mask_new, divisor)
+
+
 def block_with_kv(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array | None, mesh: Mesh | None, lora: Mapping | None, lora_scale: float,
                   past: tuple[jax.Array, jax.Array, jax.Array] | None = None
@@ -394,8 +417,11 @@ def block_with_kv(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Ar
     positions attend to each other (``mask`` [B, 1, W, W]). With ``past = (k_cache, v_cache, cache_mask)``
     ([B, L, KV, Dh] twice and bool [B, 1, W, L]) they attend to the cached keys where ``cache_mask`` is True
     plus their own fresh keys (``mask`` [B, 1, W, W], required): the cached forward of
-    :func:`cached_logits`.
+    :func:`cached_logits`. ``"auto"`` execution switches of ``cfg`` are resolved here for the platform of
+    ``mesh`` (:func:`~gdsd_jax.models.config.resolve_execution`).
     """
+    platform = execution_platform(mesh)
+    cfg = resolve_execution(cfg, platform)
     dtype = cfg.dtype
     merge, tokens = _merge_projections(cfg, mesh), cfg.merge_token_dims
     x = rms_norm(h, layer["attn_norm"], cfg.rms_eps)
@@ -416,11 +442,10 @@ def block_with_kv(cfg: DenoiserConfig, layer: Mapping, h: jax.Array, cos: jax.Ar
         q = q * jnp.asarray(1.0 / scale, dtype)
     divisor = None if exact else float(scale)
     if past is None:
-        core = attention if cfg.attention_impl == "custom_vjp" else attention_reference
-        attn = core(q, k, v, mask, divisor)
+        attn = _core_attention(cfg, mesh, platform, q, k, v, mask, divisor)
     else:
         k_cache, v_cache, cache_mask = past
-        attn = _masked_concat_attention(q, k_cache, v_cache, k, v, cache_mask, mask, divisor)
+        attn = _cached_attention(cfg, mesh, platform, q, k_cache, v_cache, k, v, cache_mask, mask, divisor)
     attn = constrain(attn, mesh, ("batch", "length", "heads", "head_dim"))
     h = h + _proj(attn, layer["o"], "blhk,hkd->bld", lora, "o", lora_scale, dtype, tokens)
     h = constrain(h, mesh, ("batch", "length", "act_embed"))

@@ -17,6 +17,7 @@ from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.config_io import ConfigError, build, to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.loading import write_policy
+from gdsd_jax.models.config import execution_record
 from gdsd_jax.rl.trainer import NonFiniteError, RLTrainer, merged_policy_params
 from gdsd_jax.sft.run import warm_start
 from gdsd_jax.training.config import TrainConfig
@@ -121,6 +122,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     task, adapter, tokenizer = build_task_and_adapter(cfg, model_cfg, task=task)
     trainer = RLTrainer(cfg, model_cfg, params, mesh, adapter, task, tokenizer=tokenizer)
     log(describe_advantages(cfg))
+    # The config keeps "auto" (a saved policy stays portable across backends); the run records what it chose.
+    execution = execution_record(model_cfg, mesh)
+    log("model execution: " + ", ".join(f"{k}={v}" for k, v in execution.items()))
     state, frozen = trainer.init_state()
     train = list(task.examples("train"))
     data_it = index_iterator(len(train), cfg.rollout_prompts, cfg.rl.seed)
@@ -143,6 +147,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         # Every process walks the same global index stream, so one iterator state serves any topology.
         data_it.set_state(meta["data_state"])
         log(f"resumed from step {resume_step}")
+    meta["execution"] = execution
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=resume_step)
     if jax.process_index() == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
