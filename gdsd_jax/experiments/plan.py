@@ -129,8 +129,10 @@ def tpu_devices(generation: str, num_devices: int) -> list:
     prefix, chip_config, shapes = _TPU_TOPOLOGY[generation]
     if num_devices not in shapes:
         raise ValueError(f"{generation} with {num_devices} chips: supported slice sizes are {sorted(shapes)}")
-    # No metadata server here: libtpu must not look for one.
+    # No metadata server here: libtpu must not look for one. No TPU is opened either, so several
+    # compiling processes may load libtpu at once (otherwise the second stops at libtpu's lockfile).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     require_libtpu(generation)
     topo = get_topology_desc(platform="tpu", topology_name=f"{prefix}:{shapes[num_devices]}",
                              chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1), num_slices=1)
@@ -276,18 +278,24 @@ class FunctionMemory:
         return {**dataclasses.asdict(self), "live": self.live}
 
 
-def _compile(fn, *args) -> tuple[FunctionMemory, Any]:
-    """Lower and compile ``fn`` (a ``jax.jit`` object) on abstract ``args``; returns its memory analysis and
-    the abstract outputs with the shardings the compiler chose."""
-    t0 = time.perf_counter()
+def compile_abstract(fn, *args) -> tuple[Any, Any]:
+    """Lower and compile ``fn`` (a ``jax.jit`` object) on abstract ``args``; returns the compiled program and
+    its abstract outputs with the shardings the compiler chose (inputs for the next phase's compilation)."""
     lowered = fn.lower(*args)
     compiled = lowered.compile()
+    return compiled, _with_shardings(lowered.out_info, compiled.output_shardings)
+
+
+def _compile(fn, *args) -> tuple[FunctionMemory, Any]:
+    """:func:`compile_abstract` with the compiled program's memory analysis in place of the program."""
+    t0 = time.perf_counter()
+    compiled, outs = compile_abstract(fn, *args)
     secs = time.perf_counter() - t0
     m = compiled.memory_analysis()
     mem = FunctionMemory(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
                          alias=int(m.alias_size_in_bytes), temp=int(m.temp_size_in_bytes),
                          code=int(m.generated_code_size_in_bytes), compile_seconds=secs)
-    return mem, _with_shardings(lowered.out_info, compiled.output_shardings)
+    return mem, outs
 
 
 @dataclasses.dataclass
@@ -335,7 +343,8 @@ class PlanRow:
 
 # ---- planning --------------------------------------------------------------------------------------
 
-def _mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
+def mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
+    """``cfg`` with LoRA switched on (``"lora"``) or off (``"full"``)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; expected one of {MODES}")
     return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=(mode == "lora")))
@@ -414,7 +423,7 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
             log(f"  compiled {name:<22s} {mem.compile_seconds:7.1f} s   temp {mem.temp / GIB:8.3f} GiB")
 
     for mode in modes:
-        mcfg_mode = _mode_config(cfg, mode)
+        mcfg_mode = mode_config(cfg, mode)
         base_trainer = RLTrainer(mcfg_mode, model_cfg.replace(remat=remats[0]), None, mesh, adapter=None, task=None)
         inp = abstract_inputs(base_trainer, mesh)
         state, frozen, batch = inp["state"], inp["frozen"], inp["batch"]
