@@ -136,7 +136,8 @@ def run(args) -> int:
     try:
         cfg = load_config(TrainConfig, resolve_config_path(args.config), list(args.overrides)).validate()
         model_cfg, source = plan.resolve_model_config(cfg, preset_name=args.preset, param_dtype=args.param_dtype)
-        devices = plan.tpu_devices(args.target, args.devices) if args.target != "cpu" else None
+        devices = (plan.tpu_devices(args.target, args.devices, cfg.distributed.num_slices)
+                   if args.target != "cpu" else None)
         mesh = plan.mesh_from_spec(args.mesh, args.devices, cfg, model_cfg, devices=devices)
     except (ConfigError, ValueError, RuntimeError) as e:
         raise SystemExit(f"plan: {e}")
