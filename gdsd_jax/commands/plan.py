@@ -5,18 +5,21 @@ Examples::
     gdsd-jax plan --config configs/llada_8b_math.yaml --devices 32
     gdsd-jax plan --config configs/dream_7b_countdown.yaml --devices 16 --mesh fsdp=8,tensor=2 --lora --remat full
     gdsd-jax plan --config configs/llada_8b_sudoku.yaml --devices 64 --target v5p     # TPU compiler (libtpu)
+    gdsd-jax plan --config configs/llada_8b_math.yaml --devices 8 --target v5p --cost  # roofline step time
 
 With ``--target cpu`` (default) the step is compiled for N fake CPU devices. Their number must be fixed
 before JAX starts, so when this process already runs JAX with fewer devices the command runs itself
 again in a child process with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``. With a TPU
 generation as target the programs are compiled by the TPU compiler for an abstract slice of that size
 (deviceless ahead-of-time compilation; needs the ``libtpu`` package, not a TPU: ``pip install
-"gdsd-jax[tpu]"``). See
+"gdsd-jax[tpu]"``). ``--cost`` prints, instead of the memory plan, each phase's compiled cost (FLOPs and HBM
+bytes per device) and its roofline time on that TPU generation (:mod:`gdsd_jax.experiments.cost`). See
 :mod:`gdsd_jax.experiments.plan` for what each number means and ``docs/memory_plans.md`` for recorded plans.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -53,6 +56,9 @@ def add_arguments(p) -> None:
                    help="stored parameter dtype (default: the checkpoint's; bf16 for upstream LLaDA/Dream)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan rows as JSON")
     p.add_argument("--details", action="store_true", help="print every compiled function's memory analysis")
+    p.add_argument("--cost", action="store_true",
+                   help="instead of memory: compiled FLOPs / bytes per phase and a roofline step time "
+                        "(needs a TPU --target, whose peak figures it uses)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -81,7 +87,7 @@ def _child_argv(args) -> list[str]:
     argv = ["plan", "--devices", str(args.devices), "--mesh", args.mesh, "--target", args.target]
     if args.config:
         argv += ["--config", str(args.config)]
-    for flag in ("lora", "full", "details", "no_progress"):
+    for flag in ("lora", "full", "details", "cost", "no_progress"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     for r in args.remat or []:
@@ -114,6 +120,9 @@ def run(args) -> int:
         raise SystemExit(f"plan: --devices must be positive, got {args.devices}")
     from gdsd_jax.experiments.plan import require_libtpu
 
+    if args.cost and args.target == "cpu":
+        raise SystemExit("plan: --cost needs a TPU --target (v4, v5e, v5p or v6e): the roofline uses that chip's "
+                         "peak FLOP/s and HBM bandwidth; the CPU cross-check is benchmarks/step_time.py --cpu-check")
     try:
         require_libtpu(args.target)        # before any work, and before a child process is started
     except RuntimeError as e:
@@ -128,7 +137,8 @@ def run(args) -> int:
     try:
         cfg = load_config(TrainConfig, resolve_config_path(args.config), list(args.overrides)).validate()
         model_cfg, source = plan.resolve_model_config(cfg, preset_name=args.preset, param_dtype=args.param_dtype)
-        devices = plan.tpu_devices(args.target, args.devices) if args.target != "cpu" else None
+        devices = (plan.tpu_devices(args.target, args.devices, cfg.distributed.num_slices)
+                   if args.target != "cpu" else None)
         mesh = plan.mesh_from_spec(args.mesh, args.devices, cfg, model_cfg, devices=devices)
     except (ConfigError, ValueError, RuntimeError) as e:
         raise SystemExit(f"plan: {e}")
@@ -143,6 +153,8 @@ def run(args) -> int:
           f"rows per step, micro-batch {rl.micro_batch_size}, {rl.num_iterations} inner iterations; "
           f"sequence {cfg.task.prompt_length} + {cfg.sampling.gen_length} tokens")
     print("plan: model execution: " + ", ".join(f"{k}={v}" for k, v in execution_record(model_cfg, mesh).items()))
+    if args.cost:
+        return _run_cost(args, cfg, model_cfg, mesh, modes, name, source)
     rows = plan.plan_recipe(cfg, model_cfg, mesh, modes=modes, remats=remats, model_name=name,
                             progress=not args.no_progress, log=print)
     print()
@@ -160,6 +172,32 @@ def run(args) -> int:
     if args.json:
         out = {"config": name, "target": args.target, "model_source": source, "num_params": model_cfg.num_params(),
                "rows": [r.to_dict() for r in rows]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"plan: wrote {args.json}")
+    return 0
+
+
+def _run_cost(args, cfg, model_cfg, mesh, modes: list[str], name: str, source: str) -> int:
+    """``--cost``: compile the phases' unit programs, print their roofline table on ``args.target``."""
+    from gdsd_jax.experiments import cost
+
+    chip = cost.CHIPS[args.target]
+    print(f"plan: cost on {chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s "
+          f"HBM per chip ({chip.source}); attention_impl={model_cfg.attention_impl}; compiled estimates, not "
+          "measured TPU times")
+    rows = cost.cost_recipe(cfg, model_cfg, mesh, target=args.target, modes=modes, model_name=name,
+                            log=None if args.no_progress else print)
+    print()
+    print("per device, one RL step (every loop's trip count multiplied in); roofline s = max(compute, memory); "
+          "compiler s = the TPU compiler's optimal_seconds")
+    print(cost.format_cost_table(rows, chip))
+    print()
+    for line in cost.summary_lines(rows, chip):
+        print(f"plan: {line}")
+    if args.json:
+        out = {"config": name, "target": args.target, "model_source": source, "chip": dataclasses.asdict(chip),
+               "model_config": dataclasses.asdict(model_cfg), "rows": [r.to_dict() for r in rows]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"plan: wrote {args.json}")

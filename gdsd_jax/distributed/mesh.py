@@ -26,6 +26,17 @@ lora       fsdp                LoRA rank (takes fsdp where no embed dim did)
 A mesh axis is dropped from a spec when it does not divide the array dimension (e.g. Dream's 4 KV heads
 on a tensor axis of 8): the array is then replicated along that mesh axis. This is decided per array,
 recorded in the returned spec (so tests can assert it), and never depends on the platform.
+
+Device order (:func:`device_grid`). Inside a slice the devices are placed by
+``jax.experimental.mesh_utils.create_device_mesh``, which on a TPU follows the physical torus (the last
+mesh axis, ``tensor``, on the closest chips; on CPU and GPU it is the device order). With
+``num_slices > 1`` (``distributed.num_slices``; multi-slice TPU, slices joined by the data-centre network)
+``create_hybrid_device_mesh`` builds one such mesh per slice and lays the slices along the ``data`` axis:
+``data = num_slices x (data per slice)``, each slice holding a contiguous block of ``data``. Only ``data``
+crosses slices because it is the axis with the least traffic: one gradient all-reduce per update step,
+where ``fsdp`` all-gathers every layer's weights in the forward and backward pass and ``tensor``
+exchanges activations inside every layer, both far too often for DCN bandwidth (MaxText's default too).
+Each slice then holds a full copy of the sharded state (fsdp and tensor stay inside a slice).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -76,17 +88,56 @@ def mesh_shape(num_devices: int, data: int = 1, fsdp: int = -1, tensor: int = 1)
     return dict(zip(MESH_AXES, sizes))
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
+#: The mesh axis that crosses slices (DCN) when ``num_slices > 1``; see the module docstring.
+DCN_AXIS = "data"
+
+
+def device_grid(sizes: dict[str, int], devices: Sequence, num_slices: int = 1) -> np.ndarray:
+    """Arrange ``devices`` into the ``(data, fsdp, tensor)`` grid by topology (``mesh_utils``).
+
+    Args:
+      sizes: resolved axis sizes (:func:`mesh_shape`), product = ``len(devices)``.
+      devices: the devices; with ``num_slices > 1`` each must carry a ``slice_index`` (multi-slice TPU
+        devices do; CPU devices do not, and the call fails rather than pretend).
+      num_slices: slices joined over DCN; they are laid along ``data`` (which must be a multiple).
+
+    Returns:
+      object array [data, fsdp, tensor] of devices; with slices, ``grid[i * data // num_slices:(i + 1) *
+      data // num_slices]`` are the devices of the i-th slice (by ``slice_index``).
+    """
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if num_slices < 1:
+        raise ValueError(f"mesh: num_slices must be >= 1, got {num_slices}")
+    if num_slices == 1:
+        return mesh_utils.create_device_mesh(shape, list(devices), allow_split_physical_axes=True)
+    if sizes[DCN_AXIS] % num_slices:
+        raise ValueError(f"mesh: {num_slices} slices are laid along the {DCN_AXIS} axis, which must be a multiple "
+                         f"of num_slices; got {DCN_AXIS}={sizes[DCN_AXIS]} (e.g. distributed.mesh="
+                         f"data={num_slices},fsdp=-1,tensor=1)")
+    if any(getattr(d, "slice_index", None) is None for d in devices):
+        kind = getattr(devices[0], "platform", type(devices[0]).__name__)
+        raise ValueError(f"mesh: num_slices={num_slices} needs devices that know their slice (slice_index, set on "
+                         f"multi-slice TPU); these {kind} devices have none: use num_slices=1 here")
+    found = len({d.slice_index for d in devices})
+    if found != num_slices:
+        raise ValueError(f"mesh: num_slices={num_slices} but the devices belong to {found} slice(s)")
+    ici = tuple(n // num_slices if a == DCN_AXIS else n for a, n in zip(MESH_AXES, shape))
+    dcn = tuple(num_slices if a == DCN_AXIS else 1 for a in MESH_AXES)
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices), allow_split_physical_axes=True)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence | None = None,
+              num_slices: int = 1) -> Mesh:
     """Build the ``(data, fsdp, tensor)`` mesh. One axis may be ``-1``: it takes the remaining devices.
 
     Args:
       data, fsdp, tensor: axis sizes; their product must equal the number of devices.
       devices: devices to use (default: all of ``jax.devices()``).
+      num_slices: slices (DCN) the devices span; laid along ``data`` (:func:`device_grid`).
     """
     devs = list(devices) if devices is not None else jax.devices()
-    sizes = list(mesh_shape(len(devs), data, fsdp, tensor).values())
-    arr = np.asarray(devs, dtype=object).reshape(sizes)
-    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    sizes = mesh_shape(len(devs), data, fsdp, tensor)
+    return Mesh(device_grid(sizes, devs, num_slices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def parse_mesh_spec(spec: str | None) -> dict[str, int]:

@@ -119,26 +119,29 @@ def require_libtpu(target: str) -> None:
                            f"matching this jax), or use --target cpu")
 
 
-def tpu_devices(generation: str, num_devices: int) -> list:
-    """Abstract devices of a TPU slice with ``num_devices`` chips, for deviceless ahead-of-time compilation
-    (``jax.experimental.topologies``; the TPU compiler comes from the ``libtpu`` package, no TPU is needed)."""
+def tpu_devices(generation: str, num_devices: int, num_slices: int = 1) -> list:
+    """Abstract devices of ``num_slices`` TPU slices with ``num_devices`` chips in all, for deviceless
+    ahead-of-time compilation (``jax.experimental.topologies``; the TPU compiler comes from the ``libtpu``
+    package, no TPU is needed). With several slices each device carries its ``slice_index``."""
     from jax.experimental.topologies import get_topology_desc  # lazy: only the TPU target plans need it
 
     if generation not in _TPU_TOPOLOGY:
         raise ValueError(f"TPU generation {generation!r}; expected one of {sorted(_TPU_TOPOLOGY)}")
     prefix, chip_config, shapes = _TPU_TOPOLOGY[generation]
-    if num_devices not in shapes:
-        raise ValueError(f"{generation} with {num_devices} chips: supported slice sizes are {sorted(shapes)}")
-    # No metadata server here: libtpu must not look for one. Nor take the machine-wide TPU lock: compiling
-    # touches no chip, and several planners (or a planner and a test) may compile at once.
+    if num_slices < 1 or num_devices % num_slices or num_devices // num_slices not in shapes:
+        raise ValueError(f"{generation} with {num_devices} chips in {num_slices} slice(s): supported slice sizes "
+                         f"are {sorted(shapes)}")
+    per_slice = num_devices // num_slices
+    # No metadata server here: libtpu must not look for one. No TPU is opened either, so several
+    # compiling processes may load libtpu at once (otherwise the second stops at libtpu's lockfile).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     require_libtpu(generation)
-    topo = get_topology_desc(platform="tpu", topology_name=f"{prefix}:{shapes[num_devices]}",
-                             chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    topo = get_topology_desc(platform="tpu", topology_name=f"{prefix}:{shapes[per_slice]}",
+                             chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
     devs = list(topo.devices)
     if len(devs) != num_devices:
-        raise RuntimeError(f"{generation} topology {shapes[num_devices]} gave {len(devs)} devices, "
+        raise RuntimeError(f"{generation} topology {num_slices} x {shapes[per_slice]} gave {len(devs)} devices, "
                            f"expected {num_devices}")
     return devs
 
@@ -192,8 +195,9 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
 
 
 def auto_mesh(num_devices: int, cfg: TrainConfig, model_cfg: DenoiserConfig) -> dict[str, int]:
-    """The mesh the plans use by default: ``data=1``, the largest ``fsdp`` that divides the micro-batch
-    (the batch is split over ``(data, fsdp)``), the remaining factor on ``tensor``.
+    """The mesh the plans use by default: ``data`` = ``distributed.num_slices`` (1: one slice), the largest
+    ``fsdp`` that divides the micro-batch (the batch is split over ``(data, fsdp)``), the remaining factor
+    of each slice on ``tensor``.
 
     FSDP over all chips is the memory-optimal layout inside one slice (weights, gradients and optimizer
     state are split N ways; ``data`` would replicate them); ``tensor`` is used only when the micro-batch
@@ -201,13 +205,18 @@ def auto_mesh(num_devices: int, cfg: TrainConfig, model_cfg: DenoiserConfig) -> 
     """
     if num_devices <= 0:
         raise ValueError(f"--devices must be positive, got {num_devices}")
-    micro = cfg.rl.micro_batch_size
-    for fsdp in sorted((d for d in range(1, num_devices + 1) if num_devices % d == 0), reverse=True):
-        tensor = num_devices // fsdp
+    slices = cfg.distributed.num_slices
+    if num_devices % slices or cfg.rl.micro_batch_size % slices:
+        raise ValueError(f"distributed.num_slices={slices} must divide --devices ({num_devices}) and the "
+                         f"micro-batch ({cfg.rl.micro_batch_size} rows)")
+    per_slice, micro = num_devices // slices, cfg.rl.micro_batch_size // slices
+    for fsdp in sorted((d for d in range(1, per_slice + 1) if per_slice % d == 0), reverse=True):
+        tensor = per_slice // fsdp
         if micro % fsdp == 0 and model_cfg.num_heads % tensor == 0 and model_cfg.num_kv_heads % tensor == 0:
-            return {"data": 1, "fsdp": fsdp, "tensor": tensor}
-    raise ValueError(f"no (fsdp, tensor) split of {num_devices} devices divides both the micro-batch "
-                     f"({micro} rows) and the heads ({model_cfg.num_heads}/{model_cfg.num_kv_heads}); pass --mesh")
+            return {"data": slices, "fsdp": fsdp, "tensor": tensor}
+    raise ValueError(f"no (fsdp, tensor) split of {per_slice} devices per slice divides both the micro-batch "
+                     f"({micro} rows per slice) and the heads ({model_cfg.num_heads}/{model_cfg.num_kv_heads}); "
+                     "pass --mesh")
 
 
 def mesh_from_spec(spec: str | None, num_devices: int, cfg: TrainConfig, model_cfg: DenoiserConfig,
@@ -222,7 +231,7 @@ def mesh_from_spec(spec: str | None, num_devices: int, cfg: TrainConfig, model_c
         axes = parse_mesh_spec(cfg.distributed.mesh)
     else:
         axes = parse_mesh_spec(spec)
-    mesh = make_mesh(**axes, devices=devs)
+    mesh = make_mesh(**axes, devices=devs, num_slices=cfg.distributed.num_slices)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.rl.micro_batch_size % rows_split:
         raise ValueError(f"mesh {dict(mesh.shape)}: data*fsdp={rows_split} does not divide "
@@ -278,18 +287,24 @@ class FunctionMemory:
         return {**dataclasses.asdict(self), "live": self.live}
 
 
-def _compile(fn, *args) -> tuple[FunctionMemory, Any]:
-    """Lower and compile ``fn`` (a ``jax.jit`` object) on abstract ``args``; returns its memory analysis and
-    the abstract outputs with the shardings the compiler chose."""
-    t0 = time.perf_counter()
+def compile_abstract(fn, *args) -> tuple[Any, Any]:
+    """Lower and compile ``fn`` (a ``jax.jit`` object) on abstract ``args``; returns the compiled program and
+    its abstract outputs with the shardings the compiler chose (inputs for the next phase's compilation)."""
     lowered = fn.lower(*args)
     compiled = lowered.compile()
+    return compiled, _with_shardings(lowered.out_info, compiled.output_shardings)
+
+
+def _compile(fn, *args) -> tuple[FunctionMemory, Any]:
+    """:func:`compile_abstract` with the compiled program's memory analysis in place of the program."""
+    t0 = time.perf_counter()
+    compiled, outs = compile_abstract(fn, *args)
     secs = time.perf_counter() - t0
     m = compiled.memory_analysis()
     mem = FunctionMemory(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
                          alias=int(m.alias_size_in_bytes), temp=int(m.temp_size_in_bytes),
                          code=int(m.generated_code_size_in_bytes), compile_seconds=secs)
-    return mem, _with_shardings(lowered.out_info, compiled.output_shardings)
+    return mem, outs
 
 
 @dataclasses.dataclass
@@ -337,7 +352,8 @@ class PlanRow:
 
 # ---- planning --------------------------------------------------------------------------------------
 
-def _mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
+def mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
+    """``cfg`` with LoRA switched on (``"lora"``) or off (``"full"``)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; expected one of {MODES}")
     return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=(mode == "lora")))
@@ -416,7 +432,7 @@ def plan_recipe(cfg: TrainConfig, model_cfg: DenoiserConfig, mesh: Mesh, *,
             log(f"  compiled {name:<22s} {mem.compile_seconds:7.1f} s   temp {mem.temp / GIB:8.3f} GiB")
 
     for mode in modes:
-        mcfg_mode = _mode_config(cfg, mode)
+        mcfg_mode = mode_config(cfg, mode)
         base_trainer = RLTrainer(mcfg_mode, model_cfg.replace(remat=remats[0]), None, mesh, adapter=None, task=None)
         inp = abstract_inputs(base_trainer, mesh)
         state, frozen, batch = inp["state"], inp["frozen"], inp["batch"]

@@ -145,6 +145,8 @@ class WarmStartSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistributedSection:
     mesh: str = "data=1,fsdp=-1,tensor=1"
+    # Multi-slice TPU: slices joined over DCN, laid along the data axis (gdsd_jax/distributed/mesh.py).
+    num_slices: int = ranged(1, gt=0)
     coordinator_address: str | None = None
     num_processes: int | None = ranged(None, gt=0)
     process_id: int | None = ranged(None, ge=0)
@@ -266,9 +268,14 @@ class TrainConfig:
 
     def _mesh_axes(self) -> dict[str, int]:
         try:
-            return parse_mesh_spec(self.distributed.mesh)
+            axes = parse_mesh_spec(self.distributed.mesh)
         except ValueError as e:
             raise ConfigError(f"distributed.mesh={self.distributed.mesh!r}: {e}") from None
+        slices = self.distributed.num_slices
+        if slices > 1 and axes["data"] != -1 and axes["data"] % slices:
+            raise ConfigError(f"distributed.num_slices={slices}: the slices are laid along the data axis, so "
+                              f"distributed.mesh needs data a multiple of {slices}, got {self.distributed.mesh!r}")
+        return axes
 
     def _check_batches(self, axes: dict[str, int], num_devices: int, num_processes: int) -> None:
         """Every global batch must split evenly over the data-parallel devices (data x fsdp) and processes."""

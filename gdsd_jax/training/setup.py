@@ -20,7 +20,7 @@ from gdsd_jax.training.task_adapter import make_adapter
 
 
 def build_mesh(cfg: TrainConfig):
-    return make_mesh(**parse_mesh_spec(cfg.distributed.mesh))
+    return make_mesh(**parse_mesh_spec(cfg.distributed.mesh), num_slices=cfg.distributed.num_slices)
 
 
 def build_model(cfg: TrainConfig, mesh) -> tuple[DenoiserConfig, dict]:
