@@ -141,3 +141,24 @@ def test_eval_and_sample_take_a_run_directory(runs, tmp_path, capsys):
     assert cli(["sample", "--checkpoint", str(run), "--prompt-ids", "1,2,3,4", "--gen-length", "4",
                 "--steps", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_eval_of_a_run_reproduces_its_final_metric_and_flags_override(runs, tmp_path):
+    """``gdsd-jax eval --checkpoint RUN`` takes the run's task, split, examples and evaluation sampling (greedy,
+    mask token banned, from its config) and gives exactly the final test reward and accuracy the run logged;
+    a flag replaces one setting (here the mask-token ban, which this barely trained policy depends on)."""
+    from gdsd_jax.training.metrics import read_metrics
+
+    run = runs["full"]
+    final = [r for r in read_metrics(run) if "test_reward" in r][-1]
+    assert final["step"] == STEPS
+    assert cli(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "same")]) == 0
+    summary = json.loads((tmp_path / "same" / "eval_summary.json").read_text())
+    assert summary["num_examples"] == 16                                  # the run's eval.max_examples
+    assert (summary["mean_reward"], summary["accuracy"]) == (final["test_reward"], final["test_accuracy"])
+    assert summary == json.loads((run / "eval_final_summary.json").read_text())
+
+    assert cli(["eval", "--checkpoint", str(run), "--no-ban-mask-token", "--output", str(tmp_path / "unbanned")]) == 0
+    unbanned = [json.loads(x) for x in (tmp_path / "unbanned" / "eval.jsonl").read_text().splitlines()]
+    assert len(unbanned) == 16
+    assert any(6 in r["completion_ids"] for r in unbanned)                # the mask token (6) is drawn now
