@@ -52,6 +52,11 @@ def test_the_presets_architecture_overrides_are_not_applied_to_a_checkpoint(upst
     model_cfg, params = build_model(cfg, make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1]))
     assert not model_cfg.learned_positions and not model_cfg.scan_layers
     assert "pos_embed" not in params and model_cfg.hidden_size == SUDOKU_DIMS["d"]
+    # the memory planner resolves the same model without reading weights
+    from gdsd_jax.experiments.plan import resolve_model_config
+
+    planned, source = resolve_model_config(cfg)
+    assert planned == model_cfg and source == f"Hugging Face config {upstream}"
     # a preset keeps every override
     preset = load_config(TrainConfig, CONFIG, []).model
     assert preset.split_overrides() == ({"learned_positions": True, "scan_layers": False}, [])
