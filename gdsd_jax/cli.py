@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from gdsd_jax.allocator import preload_tcmalloc
 from gdsd_jax.compile_cache import CACHE_ENV, OFF, enable_compilation_cache
-from gdsd_jax.errors import UserError
+from gdsd_jax.errors import UserError, error_line
 
 DEBUG_ENV = "GDSD_JAX_DEBUG"
 NO_CACHE_FLAG = "--no-compilation-cache"
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         message = user_error_message(exc)
         if debug or message is None:
             raise
-        print(f"gdsd-jax {command}: error: {message}", file=sys.stderr)
+        print(error_line(command, message), file=sys.stderr)
         if start and _disk_full(exc) is not None:
             # Orbax's abandoned background writes print a traceback each while the interpreter tears down.
             # Everything the run wrote is on disk already (metrics are appended and closed line by line,

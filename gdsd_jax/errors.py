@@ -9,3 +9,9 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input: the message alone says what was wrong and what was expected."""
+
+
+def error_line(command: str, message: object) -> str:
+    """The one line every command reports an error with: ``gdsd-jax COMMAND: error: MESSAGE`` (line breaks in
+    the message become spaces)."""
+    return f"gdsd-jax {command}: error: {' '.join(str(message).splitlines())}"

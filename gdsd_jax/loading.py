@@ -36,7 +36,7 @@ from gdsd_jax.checkpoint.policy import (
 )
 from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.convert.hf_checkpoint import HFCheckpoint, is_hf_checkpoint, side_files
-from gdsd_jax.convert.hf_config import config_from_hf, infer_family, read_config_json
+from gdsd_jax.convert.hf_config import config_from_hf, read_config_json
 from gdsd_jax.models.config import DenoiserConfig
 from gdsd_jax.models.denoiser import Denoiser, param_shardings
 from gdsd_jax.models.lora import lora_scale, lora_shardings, merge_lora
@@ -101,30 +101,16 @@ def load_denoiser(path: str | os.PathLike, mesh: Mesh | None = None, dtype=None,
 __all__ = ["load_denoiser"]
 
 
-def model_family(path: str | os.PathLike) -> str | None:
-    """The family (``"llada"`` / ``"dream"``) recorded in a params checkpoint or an HF ``config.json``, read
-    without loading weights; None if it cannot be read cheaply (a remote path, a run directory or an unusual
-    layout: :func:`load_denoiser` reports any problem when it reads the weights)."""
+def peek_model_config(path: str | os.PathLike) -> DenoiserConfig | None:
+    """The model config recorded in a params checkpoint or an HF ``config.json``, read without loading
+    weights; None if it cannot be read cheaply (a remote path, a run directory, an unusual layout or config:
+    :func:`load_denoiser` reports any problem when it reads the weights)."""
     p = Path(path)
     try:
         if (p / META_FILE).is_file():
-            return json.loads((p / META_FILE).read_text())["config"]["family"]
+            return DenoiserConfig.from_dict(json.loads((p / META_FILE).read_text())["config"])
         if (p / "config.json").is_file():
-            return infer_family(json.loads((p / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def model_max_seq_len(path: str | os.PathLike) -> int | None:
-    """The ``max_seq_len`` of the model at ``path`` read without loading weights (a params checkpoint's
-    config, or an HF ``config.json``); None if it cannot be read cheaply (as for :func:`model_family`)."""
-    p = Path(path)
-    try:
-        if (p / META_FILE).is_file():
-            return int(json.loads((p / META_FILE).read_text())["config"]["max_seq_len"])
-        if (p / "config.json").is_file():
-            return config_from_hf(json.loads((p / "config.json").read_text())).max_seq_len
+            return config_from_hf(json.loads((p / "config.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None

@@ -429,7 +429,7 @@ def test_a_null_eos_through_the_command_is_one_line(tmp_path, capsys):
     (hf / "config.json").write_text(json.dumps({**conf, "eos_token_id": None}))
     assert cli_main(["convert", "--hf-dir", str(hf), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["convert: error: config.json: field 'eos_token_id' is null; it is required for a LLaDA model"]
+    assert err == ["gdsd-jax convert: error: config.json: field 'eos_token_id' is null; it is required for a LLaDA model"]
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

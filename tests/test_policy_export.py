@@ -9,6 +9,8 @@ test: the adapters are merged into the base with float64 NumPy from the raw trai
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -28,13 +30,16 @@ MODEL = ("model.overrides={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The two runs by kind, and under ``"console"`` what each printed (the full run evaluates every step)."""
     from gdsd_jax.rl.run import run_train
 
-    out = {}
-    for name, extra in [("lora", ["lora.enabled=true", "lora.rank=8", "lora.alpha=4"]), ("full", [])]:
+    out = {"console": {}}
+    for name, extra in [("lora", ["lora.enabled=true", "lora.rank=8", "lora.alpha=4"]), ("full", ["eval.every=1"])]:
         run = tmp_path_factory.mktemp(name) / "run"
-        run_train(tiny_cfg(run, f"rl.total_steps={STEPS}", "optim.lr=0.003", MODEL, *extra), progress=False)
+        with contextlib.redirect_stdout(io.StringIO()) as console:
+            run_train(tiny_cfg(run, f"rl.total_steps={STEPS}", "optim.lr=0.003", MODEL, *extra), progress=False)
         out[name] = run
+        out["console"][name] = console.getvalue()
     return out
 
 
@@ -172,3 +177,42 @@ def test_a_damaged_step_or_policy_is_refused_by_every_reader(runs, tmp_path, cap
     overwrite_data(run / "policy" / "params")
     with pytest.raises(CheckpointIntegrityError, match=f"checkpoint {run / 'policy'}: "):
         load_denoiser(run)
+
+
+def test_eval_of_a_run_reproduces_its_final_metric_and_flags_override(runs, tmp_path):
+    """``gdsd-jax eval --checkpoint RUN`` takes the run's task, split, examples and evaluation sampling (greedy,
+    mask token banned, from its config) and gives exactly the final test reward and accuracy the run logged;
+    a flag replaces one setting (here the mask-token ban, which this barely trained policy depends on)."""
+    from gdsd_jax.training.metrics import read_metrics
+
+    run = runs["full"]
+    final = [r for r in read_metrics(run) if "test_reward" in r][-1]
+    assert final["step"] == STEPS
+    assert cli(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "same")]) == 0
+    summary = json.loads((tmp_path / "same" / "eval_summary.json").read_text())
+    assert summary["num_examples"] == 16                                  # the run's eval.max_examples
+    assert (summary["mean_reward"], summary["accuracy"]) == (final["test_reward"], final["test_accuracy"])
+    assert summary == json.loads((run / "eval_final_summary.json").read_text())
+
+    assert cli(["eval", "--checkpoint", str(run), "--no-ban-mask-token", "--output", str(tmp_path / "unbanned")]) == 0
+    unbanned = [json.loads(x) for x in (tmp_path / "unbanned" / "eval.jsonl").read_text().splitlines()]
+    assert len(unbanned) == 16
+    assert any(6 in r["completion_ids"] for r in unbanned)                # the mask token (6) is drawn now
+
+
+def test_every_evaluation_leaves_a_line_on_the_console_and_the_run_ends_with_a_summary(runs):
+    """One line per evaluation (step 0, each eval.every, the final one) with the logged numbers, then the
+    before/after table of test reward and accuracy."""
+    from gdsd_jax.training.metrics import read_metrics
+
+    console = runs["console"]["full"]
+    evals = [r for r in read_metrics(runs["full"]) if "test_reward" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    for r, final in zip(evals, (False, False, True)):
+        line = (f"step {r['step']}{' (final)' if final else ''}: test reward {r['test_reward']:.3f}, "
+                f"accuracy {r['test_accuracy']:.3f} (16 examples)")
+        assert line in console.splitlines(), console
+    first, last = evals[0], evals[-1]
+    assert (f"| after gdsd | {last['test_reward']:.3f} | {last['test_accuracy']:.3f} |") in console
+    assert f"| before (warm start) | {first['test_reward']:.3f} | {first['test_accuracy']:.3f} |" in console
+    assert console.rstrip().endswith(f"test_reward: {first['test_reward']:.3f} -> {last['test_reward']:.3f}")

@@ -6,26 +6,32 @@ earn different rewards and the policy moves) is converted with ``--dtype fp32``,
 (with LoRA, or full fine-tuning), exported with ``gdsd-jax export --run``, and read back by
 ``transformers``. Its logits must equal the trained policy's as the trainer computes it (the base with the
 unmerged adapters, or the trained weights, restored from the run's train state), in fp32.
+
+The Dream case walks the README's exact path: the upstream directory carries its model code (a
+``configuration_dream.py`` / ``modeling_dream.py`` pair, here subclasses of transformers' Qwen2 classes, which
+Dream's tensor names match), ``gdsd-jax train`` runs the embedded default config with only
+``model.checkpoint`` and the run's size set, and the export loads with ``AutoModel.from_pretrained(...,
+trust_remote_code=True)``. The LLaDA case has no model code (its names are not Llama's): the export says so in
+one warning line and is read with a stock Llama under renamed tensors.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch", reason="PyTorch parity references need torch (not installed on this Python)")
 transformers = pytest.importorskip("transformers")
 from helpers_hf import dream_config, llada_config  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gdsd_jax.cli import main as cli  # noqa: E402
-from gdsd_jax.config_io import load_config  # noqa: E402
-from gdsd_jax.training.config import TrainConfig  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 V, D, LAYERS, HEADS, MLP, MASK, EOS = 8, 32, 2, 2, 48, 6, 7
 TOL = 1e-4
 
@@ -72,6 +78,20 @@ def _torch_model(family: str, config: dict):
     return transformers.Qwen2ForCausalLM(cfg).eval()
 
 
+#: Remote code of the tiny Dream checkpoint: real modules that transformers imports from the model directory.
+DREAM_CODE = {
+    "configuration_dream.py": (
+        "from transformers import Qwen2Config\n\n\n"
+        "class DreamConfig(Qwen2Config):\n"
+        "    model_type = \"Dream\"\n"),
+    "modeling_dream.py": (
+        "from transformers import Qwen2ForCausalLM\n\n"
+        "from .configuration_dream import DreamConfig\n\n\n"
+        "class DreamModel(Qwen2ForCausalLM):\n"
+        "    config_class = DreamConfig\n"),
+}
+
+
 def _upstream_dir(tmp: Path, family: str) -> Path:
     conf = (llada_config(d=D, layers=LAYERS, heads=HEADS, kv=HEADS, mlp=MLP, vocab=V, mask=MASK, eos=EOS)
             if family == "llada" else
@@ -87,20 +107,22 @@ def _upstream_dir(tmp: Path, family: str) -> Path:
     hf.mkdir()
     save_file(sd, str(hf / "model.safetensors"), metadata={"format": "pt"})
     (hf / "config.json").write_text(json.dumps(conf))
+    if family == "dream":
+        for name, code in DREAM_CODE.items():
+            (hf / name).write_text(code)
     return hf
 
 
 def _train(ck: Path, run: Path, lora: bool) -> None:
-    from gdsd_jax.rl.run import run_train
-
+    """``gdsd-jax train`` with the embedded default config: the checkpoint and a tiny run's size only (the
+    default's model.overrides are the tiny preset's and are not applied to the checkpoint)."""
     overrides = [
-        f"model.checkpoint={ck}", "model.overrides={}", "warm_start.mode=none", f"output_dir={run}",
-        "rl.prompts_per_step=4", "rl.rollout_prompts_per_step=null", "rl.num_generations=4",
-        "rl.micro_batch_size=16", "rl.num_iterations=1", "rl.total_steps=2", "optim.lr=0.01",
-        "optim.schedule=constant", "eval.every=0", "eval.max_examples=8", "eval.batch_size=8",
-        "checkpoint.async_save=false", "tensorboard=false",
+        f"model.checkpoint={ck}", "warm_start.mode=none", "rl.prompts_per_step=4",
+        "rl.rollout_prompts_per_step=null", "rl.num_generations=4", "rl.micro_batch_size=16",
+        "rl.num_iterations=1", "rl.total_steps=2", "optim.lr=0.01", "eval.every=0", "eval.max_examples=8",
+        "eval.batch_size=8", "checkpoint.async_save=false", "tensorboard=false",
     ] + (["lora.enabled=true", "lora.rank=8", "lora.alpha=16"] if lora else [])
-    run_train(load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", overrides).validate(), progress=False)
+    assert cli(["train", "--no-progress", "--output-dir", str(run), *overrides]) == 0
 
 
 def _trained_policy_logits(run: Path, tok: np.ndarray, lora: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -127,21 +149,40 @@ def _trained_policy_logits(run: Path, tok: np.ndarray, lora: bool) -> tuple[np.n
     return raw(state["trainable"]), raw(base.params())
 
 
+def _from_pretrained_with_remote_code(path: Path, modules: Path, monkeypatch):
+    """``AutoModel.from_pretrained(path, trust_remote_code=True)``, with transformers' copy of the remote code
+    under ``modules`` (not the user's cache)."""
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(modules))
+    monkeypatch.setattr(sys, "path", list(sys.path))          # it appends the modules directory
+    return transformers.AutoModel.from_pretrained(str(path), trust_remote_code=True).eval()
+
+
 @pytest.mark.parametrize("family,lora", [("llada", True), ("dream", False)], ids=["llada-lora", "dream-full"])
-def test_converted_trained_exported_model_loads_in_transformers(tmp_path, family, lora):
+def test_converted_trained_exported_model_loads_in_transformers(tmp_path, family, lora, capsys, monkeypatch):
     hf = _upstream_dir(tmp_path, family)
     ck = tmp_path / "ck"
     assert cli(["convert", "--hf-dir", str(hf), "--out", str(ck), "--dtype", "fp32", "--no-progress"]) == 0
     run = tmp_path / "run"
     _train(ck, run, lora)
+    assert "model.overrides learned_positions (the preset's) not applied" in capsys.readouterr().out
     out = tmp_path / "exported"
     assert cli(["export", "--run", str(run), "--out", str(out), "--no-progress"]) == 0
+    warning = capsys.readouterr().err
     conf = json.loads((out / "config.json").read_text())
     assert conf["torch_dtype"] == "float32"
 
-    sd = load_file(str(out / "model.safetensors"))
-    ref = _torch_model(family, conf)
-    ref.load_state_dict({(_llama_name(k) if family == "llada" else k): v for k, v in sd.items()}, strict=True)
+    if family == "dream":                                     # the README's path: the model code came along
+        assert "warning" not in warning
+        assert {n: (out / n).read_text() for n in DREAM_CODE} == DREAM_CODE
+        ref = _from_pretrained_with_remote_code(out, tmp_path / "modules", monkeypatch)
+        assert type(ref).__name__ == "DreamModel" and type(ref).__module__.endswith("modeling_dream")
+    else:
+        assert "gdsd-jax export: warning:" in warning and "modeling_llada.py" in warning
+        sd = load_file(str(out / "model.safetensors"))
+        ref = _torch_model(family, conf)
+        ref.load_state_dict({_llama_name(k): v for k, v in sd.items()}, strict=True)
     tok = np.random.default_rng(0).integers(0, V, size=(3, 24))
     bidirectional = torch.zeros((3, 1, 24, 24), dtype=torch.float32)
     with torch.no_grad():

@@ -44,9 +44,7 @@ def tiny_cfg(tmp_path, *extra) -> TrainConfig:
 
 # ---- configs ------------------------------------------------------------------------------------
 
-def test_cosine_warmup_longer_than_the_run_is_named():
-    with pytest.raises(ConfigError, match=r"optim\.warmup_steps=10 must be smaller than rl\.total_steps=2"):
-        load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["rl.total_steps=2"]).validate()
+def test_a_negative_warmup_is_named():
     with pytest.raises(ConfigError, match=r"optim\.warmup_steps=-1: expected an integer >= 0"):
         load_config(TrainConfig, REPO / "configs/sudoku_tiny.yaml", ["optim.warmup_steps=-1"]).validate()
 

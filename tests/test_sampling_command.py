@@ -102,7 +102,7 @@ def test_sample_text_prompts_with_tokenizer(checkpoint, tmp_path, chat):
 def test_bad_settings_fail_before_loading(tmp_path, capsys, argv, needle):
     # The checkpoint does not exist: the settings error must come first.
     rc = main(["sample", "--checkpoint", str(tmp_path / "missing"), "--prompt-ids", "1,2"] + argv)
-    assert rc == 2
+    assert rc == 1
     assert needle in capsys.readouterr().err
 
 
@@ -110,14 +110,14 @@ def test_bad_inputs_after_loading(checkpoint, capsys, tmp_path):
     path, cfg, _ = checkpoint
     rc = main(["sample", "--checkpoint", str(tmp_path / "nowhere"), "--prompt-ids", "1,2", "--gen-length", "8",
                "--steps", "4"])
-    assert rc == 2 and "nowhere" in capsys.readouterr().err
+    assert rc == 1 and "nowhere" in capsys.readouterr().err
     rc = main(["sample", "--checkpoint", str(path), "--prompt", "hello", "--gen-length", "8", "--steps", "4"])
-    assert rc == 2 and "need a tokenizer" in capsys.readouterr().err
+    assert rc == 1 and "need a tokenizer" in capsys.readouterr().err
     rc = main(["sample", "--checkpoint", str(path), "--prompt-ids", "1,2", "--gen-length", str(cfg.max_seq_len),
                "--steps", "4"])
-    assert rc == 2 and "exceeds the model's max_seq_len" in capsys.readouterr().err
+    assert rc == 1 and "exceeds the model's max_seq_len" in capsys.readouterr().err
     rc = main(["sample", "--checkpoint", str(path), "--prompt-ids", "1,x", "--gen-length", "8", "--steps", "4"])
-    assert rc == 2 and "comma-separated integers" in capsys.readouterr().err
+    assert rc == 1 and "comma-separated integers" in capsys.readouterr().err
     with pytest.raises(SystemExit):     # unknown algorithm: rejected by the argument parser
         main(["sample", "--checkpoint", str(path), "--prompt-ids", "1", "--gen-length", "8", "--steps", "4",
               "--alg", "greedy"])

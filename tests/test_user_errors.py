@@ -348,7 +348,7 @@ def test_run_directory_lifecycle_errors_are_one_line(tmp_path, capsys, monkeypat
 
     code, err = _train(capsys, out, "rl.total_steps=2")
     assert code == 1
-    _one_line(err, "already holds checkpoints", "--resume")
+    _one_line(err, "already holds an earlier run (checkpoints", "--resume", "--overwrite")
     code, err = _train(capsys, out, "rl.total_steps=2", "model.overrides.hidden_size=64", "--resume")
     assert code == 1
     _one_line(err, "config mismatch in model")
@@ -364,6 +364,40 @@ def test_run_directory_lifecycle_errors_are_one_line(tmp_path, capsys, monkeypat
     assert code == 0
     assert "the run finished at step 2" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_directory_with_an_old_run_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Only an old metrics.jsonl (e.g. the checkpoints were deleted): the run stops at start naming the files and
+    the options, and the file is left as it was."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "test_reward": 0.5}\n')
+    code, err = _train(capsys, out, "rl.total_steps=1")
+    assert code == 1
+    _one_line(err, "already holds an earlier run (metrics.jsonl)", "--resume", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 0, "test_reward": 0.5}\n'
+
+
+def test_overwrite_deletes_the_earlier_runs_files_only(tmp_path, capsys, monkeypatch):
+    """--overwrite deletes what a run writes (checkpoints, metrics, ...) before the new run builds its model, and
+    leaves other files alone. The run is stopped right after that point: what follows is an ordinary run."""
+    from gdsd_jax.rl import run as run_mod
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "3").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    (out / "notes.txt").write_text("mine")
+
+    def stop(cfg, mesh):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "build_model", stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", "--config", CONFIG, "--no-progress", "--output-dir", str(out), *TINY, "--overwrite"])
+    assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not any((out / "checkpoints").iterdir())       # step 3 is gone (the new run made the directory again)
+    assert "--overwrite: deleted the earlier run's checkpoints, metrics.jsonl in" in capsys.readouterr().out
 
 
 def test_disk_full_reported_by_tensorstore_is_recognised():

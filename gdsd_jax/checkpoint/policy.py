@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from etils import epath
 
 from gdsd_jax.checkpoint.params_io import (
+    HF_FILES_DIR,
     is_params_checkpoint,
     read_meta,
     storage_path,
@@ -32,12 +33,22 @@ POLICY_DIR = "policy"
 BASE_DIR = "base"
 CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_FILE = "config.json"
+#: What a training run writes at the top of its directory: a directory holding any of these holds an earlier
+#: run, which a new run neither mixes with nor silently replaces (``gdsd-jax train --resume`` / ``--overwrite``).
+RUN_FILES = (CHECKPOINTS_DIR, POLICY_DIR, BASE_DIR, RUN_CONFIG_FILE, "metrics.jsonl", "eval_final.jsonl",
+             "eval_final_summary.json", "tensorboard", "plots", "wandb")
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a training run directory (train states under ``checkpoints/`` or a ``policy/``)."""
     p = storage_path(path)
     return (p / CHECKPOINTS_DIR).is_dir() or is_params_checkpoint(p / POLICY_DIR)
+
+
+def earlier_run_files(run_dir: str | os.PathLike) -> list[str]:
+    """The :data:`RUN_FILES` present in ``run_dir`` (empty for a new or unrelated directory)."""
+    p = storage_path(run_dir)
+    return [name for name in RUN_FILES if (p / name).exists()]
 
 
 def run_base_checkpoint(run_dir: str | os.PathLike, train_config: Mapping) -> str | None:
@@ -62,6 +73,20 @@ def run_config(run_dir: str | os.PathLike) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; expected a gdsd-jax train output directory")
     return json.loads(path.read_text())
+
+
+#: Files that make a directory a tokenizer directory (one of them suffices).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def find_tokenizer_dir(path: str | os.PathLike) -> str | None:
+    """The tokenizer directory of a model path (:func:`tokenizer_source`, or its ``hf_files/`` where a
+    converted checkpoint keeps the upstream tokenizer), or None when neither holds tokenizer files."""
+    src = storage_path(tokenizer_source(path))
+    for d in (src, src / HF_FILES_DIR):
+        if d.is_dir() and any((d / f).is_file() for f in TOKENIZER_FILES):
+            return os.fspath(d)
+    return None
 
 
 def tokenizer_source(path: str | os.PathLike) -> str:

@@ -7,7 +7,7 @@ skipped, so the command resumes after an interruption.
 
 from __future__ import annotations
 
-from gdsd_jax.config_io import ConfigError
+from gdsd_jax.errors import UserError
 
 HELP = "multi-run experiment: lr selection, seeds, studies, aggregated results.md and curves"
 
@@ -32,11 +32,8 @@ def run(args) -> int:
     from gdsd_jax.experiments.runner import run_experiment
 
     if args.jobs < 1:
-        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     only = [x for item in (args.only or []) for x in item.split(",") if x]
-    try:
-        return run_experiment(args.config, only=only or None, jobs=args.jobs, dry_run=args.dry_run,
-                              output_dir=args.output_dir, results_dir=args.results_dir, progress=not args.no_progress,
-                              keep_checkpoints=args.keep_checkpoints)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
+    return run_experiment(args.config, only=only or None, jobs=args.jobs, dry_run=args.dry_run,
+                          output_dir=args.output_dir, results_dir=args.results_dir, progress=not args.no_progress,
+                          keep_checkpoints=args.keep_checkpoints)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import shutil
 import sys
 
+from gdsd_jax.commands._common import dtype_arg, refuse_existing_output, require_existing
+from gdsd_jax.errors import error_line
+
 HELP = "gdsd-jax checkpoint or a run's policy -> Hugging Face safetensors + config.json (or a params checkpoint)"
 
 
@@ -29,8 +32,8 @@ def add_arguments(p) -> None:
                    help="hf: upstream safetensors + config.json (default); params: a gdsd-jax params checkpoint")
     p.add_argument("--max-shard-size", default="5GB",
                    help="shard the weights with model.safetensors.index.json above this size (default 5GB)")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
-                   help="tensor dtype (default: the original upstream dtype if known, else the parameter dtype; "
+    p.add_argument("--dtype", type=dtype_arg(), default=None,
+                   help="tensor dtype: bf16, fp16 or fp32 (bfloat16, float16, float32 also accepted; default: the original upstream dtype if known, else the parameter dtype; "
                         "a run's policy: the base's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,8 +57,6 @@ def _export_run(args):
     from gdsd_jax.loading import restore_run_policy, write_policy
 
     out = Path(args.out).absolute()
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output or pass --overwrite")
     # fp16 exists in the HF layout only: the staged params checkpoint keeps the base's dtype then.
     params_dtype = args.dtype if args.dtype in ("bf16", "fp32") else None
     params, cfg, step = restore_run_policy(args.run, args.step, dtype=params_dtype)
@@ -75,8 +76,10 @@ def _export_run(args):
 
 
 def run(args) -> int:
-    from gdsd_jax.convert.export import export_checkpoint
+    from gdsd_jax.convert.export import export_checkpoint, missing_model_code
 
+    require_existing(args.run or args.checkpoint, "--run" if args.run else "--checkpoint")
+    refuse_existing_output(args.out, args.overwrite)
     try:
         _check_args(args)
         if args.run is not None:
@@ -87,9 +90,14 @@ def run(args) -> int:
                                     overwrite=args.overwrite, progress=not args.no_progress)
             what = args.checkpoint
     except (ValueError, KeyError, OSError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
+        print(error_line("export", e), file=sys.stderr)
         return 1
     files = sorted(f.name for f in out.iterdir())
     print(f"export: wrote {what} to {out} ({len(files)} files: {', '.join(files[:6])}"
           f"{' ...' if len(files) > 6 else ''})")
+    missing = missing_model_code(out) if args.format == "hf" else []
+    if missing:
+        print(f"gdsd-jax export: warning: {out} has no model code ({', '.join(missing)}, named by config.json's "
+              f"auto_map), so AutoModel.from_pretrained(..., trust_remote_code=True) cannot load it: the checkpoint "
+              f"it comes from carried none; copy the upstream model's *.py files into it", file=sys.stderr)
     return 0

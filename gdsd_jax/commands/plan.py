@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from gdsd_jax.config_io import ConfigError, load_config, resolve_config_path
+from gdsd_jax.errors import UserError
 
 HELP = "per-device memory plan of a recipe on an abstract mesh"
 
@@ -102,7 +103,7 @@ def _run_child(args) -> int:
     import gdsd_jax
 
     if os.environ.get(_CHILD_ENV):
-        raise SystemExit(f"plan: could not get {args.devices} CPU devices in the child process")
+        raise UserError(f"could not get {args.devices} CPU devices in the child process")
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
@@ -117,7 +118,7 @@ def _run_child(args) -> int:
 
 def run(args) -> int:
     if args.devices <= 0:
-        raise SystemExit(f"plan: --devices must be positive, got {args.devices}")
+        raise UserError(f"--devices must be positive, got {args.devices}")
     from gdsd_jax.experiments.plan import require_libtpu
 
     if args.cost and args.target == "cpu":
@@ -126,7 +127,7 @@ def run(args) -> int:
     try:
         require_libtpu(args.target)        # before any work, and before a child process is started
     except RuntimeError as e:
-        raise SystemExit(f"plan: {e}")
+        raise UserError(str(e)) from None
     if not _prepare_in_process(args.target, args.devices):
         return _run_child(args)
 
@@ -141,7 +142,7 @@ def run(args) -> int:
                    if args.target != "cpu" else None)
         mesh = plan.mesh_from_spec(args.mesh, args.devices, cfg, model_cfg, devices=devices)
     except (ConfigError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"plan: {e}")
+        raise UserError(str(e)) from None
     modes = [m for m in ("lora", "full") if getattr(args, m)] or ["lora", "full"]
     remats = list(dict.fromkeys(args.remat or ["none", "full"]))
     name = Path(args.config).stem if args.config else "sudoku_tiny"

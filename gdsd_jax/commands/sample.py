@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from gdsd_jax.commands._common import dtype_arg, require_existing
+from gdsd_jax.errors import error_line
+
 HELP = "generate completions with the LLaDA / Dream diffusion samplers"
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from gdsd_jax.sampling.config import ALGORITHMS, REMASKING, SAMPLERS
@@ -66,10 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per compiled batch")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4,tensor=1 (default: one device)")
-    p.add_argument("--dtype", default=None,
-                   help="parameter and compute dtype (float32 / bfloat16; default: the checkpoint's)")
-    p.add_argument("--compute-dtype", default=None,
-                   help="activation dtype, overriding what --dtype implies (float32 is faster on CPU)")
+    p.add_argument("--dtype", type=dtype_arg(("bf16", "fp32")), default=None,
+                   help="parameter and compute dtype: bf16 or fp32 (bfloat16, float32 also accepted; default: the "
+                        "checkpoint's)")
+    p.add_argument("--compute-dtype", type=dtype_arg(("bf16", "fp32")), default=None,
+                   help="activation dtype (bf16 or fp32), overriding what --dtype implies (fp32 is faster on CPU)")
     p.add_argument("--output", default=None, metavar="F.jsonl", help="write one JSON object per prompt")
 
 
@@ -125,16 +126,12 @@ def read_prompts(args) -> list[dict]:
     return out
 
 
-def _find_tokenizer_dir(args) -> Path | None:
+def _find_tokenizer_dir(args) -> str | None:
     if args.tokenizer:
-        return Path(args.tokenizer)
-    from gdsd_jax.checkpoint.policy import tokenizer_source
+        return args.tokenizer
+    from gdsd_jax.checkpoint.policy import find_tokenizer_dir
 
-    ckpt = Path(tokenizer_source(args.checkpoint))
-    for d in (ckpt, ckpt / "hf_files"):
-        if d.is_dir() and any((d / f).is_file() for f in _TOKENIZER_FILES):
-            return d
-    return None
+    return find_tokenizer_dir(args.checkpoint)
 
 
 def load_model(path: str, mesh, dtype, compute_dtype, step: int | None = None):
@@ -181,8 +178,8 @@ def run(args) -> int:
     try:
         return _run(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"gdsd-jax sample: error: {e}", file=sys.stderr)
-        return 2
+        print(error_line("sample", e), file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -200,6 +197,7 @@ def _run(args) -> int:
     from gdsd_jax.distributed.mesh import batch_sharding, make_mesh, parse_mesh_spec
     from gdsd_jax.sampling import check_inputs, generate
 
+    require_existing(args.checkpoint, "--checkpoint")
     mesh = make_mesh(**parse_mesh_spec(args.mesh)) if args.mesh else None
     params, model_cfg = load_model(args.checkpoint, mesh, args.dtype, args.compute_dtype, args.step)
     tok_dir = _find_tokenizer_dir(args)

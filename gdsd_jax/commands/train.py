@@ -9,7 +9,11 @@ HELP = "RL post-training (GDSD and baselines)"
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    earlier = p.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true",
+                         help="continue from the latest checkpoint in the run directory")
+    earlier.add_argument("--overwrite", action="store_true",
+                         help="the run directory holds an earlier run: delete its files and start afresh")
     p.add_argument("--coordinator-address", default=None, help="multi-host: coordinator host:port (not needed on TPU VMs)")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id")
@@ -27,5 +31,5 @@ def run(args) -> int:
     args.overrides = list(args.overrides) + extra
     cfg = load_train_config(args).validate()
     with no_empty_run_directory(cfg.output_dir):
-        run_train(cfg, resume=args.resume, progress=not args.no_progress)
+        run_train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     return 0

@@ -65,6 +65,20 @@ def _export_dtype(dtype, cfg: DenoiserConfig, hf_config: dict | None) -> str:
     return cfg.param_dtype
 
 
+def missing_model_code(hf_dir: str | os.PathLike) -> list[str]:
+    """The ``.py`` files that the ``auto_map`` of an exported directory's ``config.json`` names but that are not
+    in it: without them ``AutoModel.from_pretrained(hf_dir, trust_remote_code=True)`` cannot load the model.
+
+    Export copies the remote code kept at conversion (the upstream ``*.py`` files); a checkpoint converted from
+    a directory without them, or a model trained from a preset, has none to copy.
+    """
+    d = Path(hf_dir)
+    auto_map = json.loads((d / "config.json").read_text()).get("auto_map") or {}
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    modules = {r.split("--")[-1].rsplit(".", 1)[0] for r in refs}
+    return sorted(f"{m}.py" for m in modules if not (d / f"{m}.py").is_file())
+
+
 def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
     """Group consecutive tensors (by index) into shards of at most ``max_bytes`` (a larger tensor alone)."""
     shards: list[list[int]] = []

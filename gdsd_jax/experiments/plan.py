@@ -152,18 +152,21 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
                          param_dtype: str | None = None) -> tuple[DenoiserConfig, str]:
     """The architecture of a recipe's model without reading any weight.
 
-    Order: ``preset_name`` (argument), ``model.preset``, the config stored with ``model.checkpoint``
+    Order: ``preset_name`` (argument); then, as training does, the config stored with ``model.checkpoint``
     (a gdsd-jax params checkpoint or an upstream Hugging Face directory, headers only), else the family
     guessed from the checkpoint's name (``llada`` -> ``llada_8b``, ``dream`` -> ``dream_7b``) with bf16
-    parameters, which is what ``gdsd-jax convert`` keeps for the upstream bf16 checkpoints.
-    ``model.overrides`` are applied last, then ``param_dtype`` if given.
+    parameters, which is what ``gdsd-jax convert`` keeps for the upstream bf16 checkpoints; else
+    ``model.preset``. ``model.overrides`` are applied last (to a checkpoint, only their execution fields:
+    ``ModelSection.split_overrides``), then ``param_dtype`` if given.
 
     Returns:
       (model config, a short description of where it came from).
     """
+    overrides, _ = cfg.model.split_overrides()
     if preset_name:
         base, source = model_preset(preset_name), f"preset {preset_name}"
-    elif cfg.model.preset:
+        overrides = dict(cfg.model.overrides)
+    elif not cfg.model.checkpoint:
         base, source = model_preset(cfg.model.preset), f"preset {cfg.model.preset}"
     else:
         ckpt = cfg.model.checkpoint
@@ -184,7 +187,6 @@ def resolve_model_config(cfg: TrainConfig, *, preset_name: str | None = None,
             else:
                 raise ConfigError(f"model.checkpoint={ckpt!r} is not available here and its name names no known "
                                   "family; pass --preset (e.g. llada_8b or dream_7b)")
-    overrides = dict(cfg.model.overrides)
     if param_dtype is not None:
         dtype_from_name(param_dtype)
         overrides["param_dtype"] = param_dtype

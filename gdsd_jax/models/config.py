@@ -47,6 +47,12 @@ EXECUTION_DEFAULTS: dict[str, dict[str, str | bool]] = {
     "gpu": {"attention_impl": "xla", "merge_projections": False, "merge_token_dims": False},
 }
 
+#: Fields that say how a model is stored and run, not which network it is: a run config's ``model.overrides``
+#: applies these to a checkpoint as well; every other field describes an architecture, which a checkpoint
+#: brings with it (``TrainConfig``'s ``ModelSection.split_overrides``).
+EXECUTION_FIELDS: tuple[str, ...] = ("param_dtype", "compute_dtype", "remat", "scan_layers", "attention_impl",
+                                     "merge_projections", "merge_token_dims")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 

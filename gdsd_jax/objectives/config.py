@@ -314,7 +314,9 @@ def _not_a_field_message(name: str, keys: list[str]) -> str:
         where = f"a setting of {', '.join(owners)} only" if owners else "not a setting of any objective"
         parts.append(f"{key!r} ({where})")
     return (f"objective {name!r} has no setting {', '.join(parts)}; delete it or choose the method it belongs "
-            f"to; {name}'s settings: {sorted(field_names(name))}")
+            f"to; {name}'s settings: {sorted(field_names(name))}. To switch a config's method, replace the whole "
+            f"section: 'objective={{name: {name}}}' (with {name}'s own settings, if any, inside the "
+            f"braces)")
 
 
 def objective_config(name: str = DEFAULT_OBJECTIVE, **fields) -> ObjectiveConfig:

@@ -12,17 +12,17 @@ from tqdm.auto import tqdm
 
 from gdsd_jax.allocator import active_allocator
 from gdsd_jax.checkpoint.params_io import is_params_checkpoint, save_params, storage_path
-from gdsd_jax.checkpoint.policy import BASE_DIR, POLICY_DIR
+from gdsd_jax.checkpoint.policy import BASE_DIR, POLICY_DIR, earlier_run_files
 from gdsd_jax.checkpoint.train_state import RunCheckpointer
 from gdsd_jax.config_io import ConfigError, build, to_dict
 from gdsd_jax.distributed import multihost
 from gdsd_jax.loading import write_policy
 from gdsd_jax.models.config import execution_record
-from gdsd_jax.rl.trainer import NonFiniteError, RLTrainer, merged_policy_params
+from gdsd_jax.rl.trainer import NonFiniteError, RLTrainer, merged_policy_params, warmup_note
 from gdsd_jax.sft.run import warm_start
 from gdsd_jax.training.config import TrainConfig
 from gdsd_jax.training.evaluate import EvalResult, evaluate, write_eval
-from gdsd_jax.training.metrics import MetricsLogger, log
+from gdsd_jax.training.metrics import MetricsLogger, log, new_wandb_id, wandb_settings
 from gdsd_jax.training.setup import (
     build_eval_adapter,
     build_mesh,
@@ -82,16 +82,32 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
               stop_after: int | None = None) -> TrainResult:
-    """The whole RL run. ``stop_after`` ends the loop early after that many steps of this process (tests)."""
+    """The whole RL run. ``stop_after`` ends the loop early after that many steps of this process (tests).
+
+    A run directory holding an earlier run is refused unless ``resume`` (continue it) or ``overwrite``
+    (delete its files first) says what to do with it, before anything is written.
+    """
     cfg.validate()
     multihost.initialize(cfg.distributed.coordinator_address, cfg.distributed.num_processes,
                          cfg.distributed.process_id)
     cfg.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
     task = build_task(cfg)   # settings that need the task (and the code sandbox's layers) fail here, at start
     out = storage_path(cfg.output_dir)     # local or gs://; a bucket without its packages fails here
+    earlier = [] if resume else earlier_run_files(out)
+    if earlier and not overwrite:
+        raise FileExistsError(f"{out} already holds an earlier run ({', '.join(earlier)}); pass --resume to "
+                              f"continue it, --overwrite to delete it and start afresh, or choose another "
+                              f"--output-dir")
     if jax.process_index() == 0:
+        for name in earlier:
+            if (out / name).is_dir():
+                (out / name).rmtree()
+            else:
+                (out / name).unlink()
+        if earlier:
+            log(f"--overwrite: deleted the earlier run's {', '.join(earlier)} in {out}")
         out.mkdir(parents=True, exist_ok=True)
     mesh = build_mesh(cfg)
     log(f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; host allocator: {active_allocator()}")
@@ -102,9 +118,6 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         # The saved config is rebuilt first, so that sections an older run stored sparsely (only the keys its
         # file set) compare by value with today's full ones.
         _check_resume_config(to_dict(build(TrainConfig, ckpt.newest_meta()[1]["config"])), to_dict(cfg))
-    elif not resume and ckpt.latest_step() is not None:
-        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints; pass --resume to continue "
-                              f"or choose another --output-dir")
     elif resume:    # launchers pass --resume on every start, the first one included
         log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
     if resume_step is not None and resume_step >= cfg.rl.total_steps and (out / "eval_final_summary.json").exists():
@@ -113,6 +126,13 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         ckpt.close()
         return TrainResult(None, None, resume_step, out)
 
+    left_out = cfg.model.split_overrides()[1]
+    if left_out:
+        log(f"model.checkpoint brings its own architecture: model.overrides {', '.join(left_out)} (the preset's) "
+            f"not applied")
+    note = warmup_note(cfg.optim, cfg.rl.total_steps)
+    if note:
+        log(note)
     model_cfg, params = build_model(cfg, mesh)
     if cfg.warm_start.mode == "sft" and not cfg.model.checkpoint:
         model_cfg, params = warm_start(cfg, mesh, model_cfg, params, progress=progress)
@@ -137,18 +157,20 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         return evaluate(p, model_cfg, eval_adapter, test, escfg, mesh, lora=lora, batch_size=cfg.eval.batch_size)
 
     meta = {"config": to_dict(cfg), "model_config": model_cfg.to_dict(), "nonfinite_total": 0, "before": None,
-            "best_eval": None}
+            "best_eval": None, "wandb_id": new_wandb_id()}
     if resume_step is not None:
         restored = ckpt.restore_newest_intact(trainer.abstract_state(state))
         for step, reason, moved in restored.rejected:
             log(f"checkpoint step {step} rejected ({reason}); resuming from step {restored.step} instead "
                 f"(step {step} moved to {moved})")
         state, meta, resume_step = restored.state, restored.meta, restored.step
+        meta.setdefault("wandb_id", new_wandb_id())     # a run saved before W&B logging existed
         # Every process walks the same global index stream, so one iterator state serves any topology.
         data_it.set_state(meta["data_state"])
         log(f"resumed from step {resume_step}")
     meta["execution"] = execution
-    logger = MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=resume_step)
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=resume_step,
+                           wandb=wandb_settings(cfg, out, meta["wandb_id"]) if cfg.logging.wandb else None)
     if jax.process_index() == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -156,8 +178,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if cfg.eval.initial and meta.get("before") is None:
         before = run_eval(state)
         meta["before"] = before.mean_reward
+        meta["before_accuracy"] = before.accuracy
         logger.log(0, {"test_reward": before.mean_reward, "test_accuracy": before.accuracy})
-        log(f"step 0: test reward {before.mean_reward:.3f} (accuracy {before.accuracy:.3f})")
+        log(_eval_line(0, before))
 
     start = int(state["step"])
     total = cfg.rl.total_steps
@@ -178,6 +201,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 res = run_eval(state)
                 m.update(test_reward=res.mean_reward, test_accuracy=res.accuracy)
                 eval_reward = res.mean_reward
+                log(_eval_line(step, res))
             logger.log(step, m)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.2e}",
                             **({"test": f"{eval_reward:.3f}"} if eval_reward is not None else {}))
@@ -206,14 +230,20 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         log(f"policy (step {total}) written to {policy}")
         after = run_eval(state)
         logger.log(total, {"test_reward": after.mean_reward, "test_accuracy": after.accuracy})
+        log(_eval_line(total, after, final=True))
         if jax.process_index() == 0:
             write_eval(after, out, "eval_final")
     ckpt.close()
     logger.close()
     if after is not None:
-        b = meta["before"]
-        _print_summary(b, after.mean_reward, out, cfg.objective.name)
+        _print_summary(meta["before"], meta.get("before_accuracy"), after, out, cfg.objective.name)
     return TrainResult(before, after, int(state["step"]), out)
+
+
+def _eval_line(step: int, res: EvalResult, final: bool = False) -> str:
+    """The console line of one evaluation (it stays above the progress bar)."""
+    return (f"step {step}{' (final)' if final else ''}: test reward {res.mean_reward:.3f}, "
+            f"accuracy {res.accuracy:.3f} ({len(res.rewards)} examples)")
 
 
 def _nonfinite_stop_message(in_a_row: int, step: int, ckpt: RunCheckpointer) -> str:
@@ -243,15 +273,21 @@ def _check_resume_config(saved: dict, current: dict, prefix: str = "") -> None:
             raise ConfigError(f"--resume: config mismatch in {key}{detail}: checkpoint has {a!r}, now {b!r}")
 
 
-def _print_summary(before: float | None, after: float, out: epath.Path, method: str = "GDSD") -> None:
-    """The before/after table; without a step-0 evaluation (``eval.initial: false``) only the final reward."""
+def _print_summary(before: float | None, before_accuracy: float | None, after: EvalResult, out: epath.Path,
+                   method: str = "GDSD") -> None:
+    """The before/after table (test reward and accuracy); without a step-0 evaluation (``eval.initial:
+    false``) only the final numbers."""
     if jax.process_index() != 0:
         return
+    reward, accuracy = after.mean_reward, after.accuracy
     if before is None:
-        lines = ["", f"greedy test reward after {method}: {after:.3f} (no step-0 evaluation)",
-                 f"run directory: {out}"]
+        lines = ["", f"greedy test reward after {method}: {reward:.3f}, accuracy {accuracy:.3f} (no step-0 "
+                 f"evaluation)", f"run directory: {out}"]
     else:
-        lines = ["", "| greedy test reward | value |", "|---|---|", f"| before (warm start) | {before:.3f} |",
-                 f"| after {method} | {after:.3f} |", f"| change | {after - before:+.3f} |", "",
-                 f"run directory: {out}", f"test_reward: {before:.3f} -> {after:.3f}"]
+        acc_before = "n/a" if before_accuracy is None else f"{before_accuracy:.3f}"
+        acc_change = "" if before_accuracy is None else f"{accuracy - before_accuracy:+.3f}"
+        lines = ["", "| greedy test set | reward | accuracy |", "|---|---|---|",
+                 f"| before (warm start) | {before:.3f} | {acc_before} |", f"| after {method} | {reward:.3f} | "
+                 f"{accuracy:.3f} |", f"| change | {reward - before:+.3f} | {acc_change} |", "",
+                 f"run directory: {out}", f"test_reward: {before:.3f} -> {reward:.3f}"]
     print("\n".join(lines), flush=True)

@@ -74,16 +74,32 @@ def update_schedule(optim, total_steps: int, updates_per_step: int = 1):
     return lambda count: learning_rate(optim, count // updates_per_step, total_steps)
 
 
+def warmup_steps(optim, total_steps: int) -> int:
+    """The warm-up the schedule applies: ``optim.warmup_steps``, shortened to ``total_steps - 1`` when the run
+    is shorter (a 2-step smoke run of a recipe warmed up over 10 steps), so that the peak rate is reached and
+    the cosine has a step to decay over; the run logs the shortening (:func:`warmup_note`)."""
+    return max(0, min(optim.warmup_steps, total_steps - 1))
+
+
+def warmup_note(optim, total_steps: int) -> str | None:
+    """One log line when :func:`warmup_steps` shortens the configured warm-up, else None."""
+    if optim.schedule == "constant" or warmup_steps(optim, total_steps) == optim.warmup_steps:
+        return None
+    return (f"optim.warmup_steps={optim.warmup_steps} is not shorter than rl.total_steps={total_steps}: warming up "
+            f"over {warmup_steps(optim, total_steps)} step(s) instead")
+
+
 def learning_rate(optim, step, total_steps: int):
     """Learning rate of RL step ``step`` (an int or a traced count)."""
     if optim.schedule == "constant":
         return optim.lr
-    # warmup_steps = 0: no warm-up, step 0 already runs at the peak rate.
+    warmup = warmup_steps(optim, total_steps)
+    # warmup = 0: no warm-up, step 0 already runs at the peak rate.
     if optim.schedule == "constant_with_warmup":
-        return optim.lr if optim.warmup_steps == 0 else optim.lr * jnp.minimum(1.0, step / optim.warmup_steps)
-    if optim.warmup_steps == 0:
+        return optim.lr if warmup == 0 else optim.lr * jnp.minimum(1.0, step / warmup)
+    if warmup == 0:
         return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))(step)
-    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, total_steps)(step)
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, total_steps)(step)
 
 
 def _opt_init(tx: optax.GradientTransformation, trainable):

@@ -11,26 +11,43 @@ fails at start naming it. ``eval.sampling`` is a partial override: the keys it s
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import Any, ClassVar, Literal
 
 from gdsd_jax.config_io import ConfigError, build, check_ranges, ranged, to_dict
 from gdsd_jax.distributed.mesh import mesh_shape, parse_mesh_spec
-from gdsd_jax.loading import model_family, model_max_seq_len
+from gdsd_jax.loading import peek_model_config
+from gdsd_jax.models.config import EXECUTION_FIELDS, DenoiserConfig
 from gdsd_jax.models.lora import TARGETS as LORA_TARGETS
 from gdsd_jax.objectives import ObjectiveConfig, get_objective, objective_config
 from gdsd_jax.sampling import SamplingConfig
-from gdsd_jax.tasks.base import check_task_arguments
+from gdsd_jax.tasks.base import check_task_arguments, task_class
 from gdsd_jax.training.presets import model_preset
+from gdsd_jax.training.task_adapter import check_compact_vocabulary
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
-    """Where the denoiser comes from: a preset (random init) or a checkpoint (HF dir or ours)."""
+    """Where the denoiser comes from: a preset (random init) or a checkpoint (HF dir or ours).
+
+    ``overrides`` change fields of the model config. Architecture fields (width, vocabulary, learned
+    positions...) belong to the preset: with ``checkpoint`` set they are not applied, since a checkpoint
+    brings its own architecture (the run logs which were left out); the execution fields of
+    :data:`~gdsd_jax.models.config.EXECUTION_FIELDS` (dtypes, remat, layer scan...) apply to either.
+    """
     preset: str | None = "sudoku_tiny"
     checkpoint: str | None = None
     tokenizer: str | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def split_overrides(self) -> tuple[dict[str, Any], list[str]]:
+        """``(applied, left_out)``: the overrides applied to the model, and the architecture keys left out
+        because ``checkpoint`` brings its own architecture (empty for a preset)."""
+        if not self.checkpoint:
+            return dict(self.overrides), []
+        applied = {k: v for k, v in self.overrides.items() if k in EXECUTION_FIELDS}
+        return applied, sorted(set(self.overrides) - set(applied))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,6 +170,19 @@ class DistributedSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingSection:
+    """Where metrics go besides ``metrics.jsonl`` (and TensorBoard, ``tensorboard``).
+
+    ``wandb``: also log every record to Weights & Biases (the optional ``wandb`` package: ``pip install
+    'gdsd-jax[wandb]'``; ``WANDB_MODE=offline`` keeps the run local). A resumed run continues the same W&B run.
+    """
+    wandb: bool = False
+    wandb_project: str = "gdsd-jax"
+    wandb_entity: str | None = None
+    wandb_name: str | None = None      # None: the run directory's name
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
@@ -166,6 +196,7 @@ class TrainConfig:
     sft: SFTSection = SFTSection()
     warm_start: WarmStartSection = WarmStartSection()
     distributed: DistributedSection = DistributedSection()
+    logging: LoggingSection = LoggingSection()
     output_dir: str = "runs/sudoku_tiny"
     tensorboard: bool = True
 
@@ -204,10 +235,6 @@ class TrainConfig:
             raise ConfigError(f"rl.rollout_prompts_per_step={rl.rollout_prompts_per_step} must be >= "
                               f"rl.prompts_per_step={rl.prompts_per_step} (the groups trained on are chosen "
                               f"among the rolled-out ones), or null")
-        if self.optim.schedule == "cosine" and self.optim.warmup_steps >= rl.total_steps:
-            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
-                              f"rl.total_steps={rl.total_steps} for the cosine schedule (it decays over the steps "
-                              f"after the warm-up); lower it or set optim.schedule=constant")
         if rl.reward_weights and self.task.format != "chat":
             raise ConfigError(f"rl.reward_weights={dict(rl.reward_weights)} weighs the chat format's reward functions; "
                               f"task.format={self.task.format} scores with the task's single compact reward: remove "
@@ -219,9 +246,21 @@ class TrainConfig:
             if not self.lora.targets or set(self.lora.targets) - set(LORA_TARGETS):
                 raise ConfigError(f"lora.targets={list(self.lora.targets)}: expected a non-empty subset of "
                                   f"{list(LORA_TARGETS)}")
-        family = self._model_family()
-        max_len = self._max_seq_len()
+        model_cfg = self._model_config()
+        family = model_cfg.family if model_cfg is not None else None
+        max_len = model_cfg.max_seq_len if model_cfg is not None else None
         self._check_task()
+        if model_cfg is not None and self.task.format == "compact":
+            try:
+                check_compact_vocabulary(task_class(self.task.name), model_cfg)
+            except ValueError as e:
+                source = ("model.checkpoint" if self.model.checkpoint else
+                          f"model.preset={self.model.preset}" + (" with model.overrides" if self.model.overrides else ""))
+                raise ConfigError(f"{e} ({source}); use a model made for this format or task.format=chat with a "
+                                  f"tokenizer") from None
+        if self.logging.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb=true needs the wandb package: pip install 'gdsd-jax[wandb]' "
+                              "(or pip install wandb)")
         for key, scfg in (("sampling", self.sampling), ("eval.sampling", self.eval_sampling_config())):
             _check_sampler_layout(key, scfg, family)
             total = self.task.prompt_length + scfg.gen_length
@@ -234,26 +273,21 @@ class TrainConfig:
             self._check_batches(mesh, num_devices, num_processes)
         return self
 
-    def _model_family(self) -> str | None:
-        """The model family when it is known without loading weights (a preset, or a checkpoint's config)."""
+    def _model_config(self) -> DenoiserConfig | None:
+        """The model config when it is known without loading weights (a preset, or a checkpoint's config),
+        with the overrides that apply to it."""
+        applied, _ = self.model.split_overrides()
         if self.model.checkpoint:
-            return model_family(self.model.checkpoint)
+            cfg = peek_model_config(self.model.checkpoint)
+            return cfg.replace(**applied) if cfg is not None else None
         if self.model.preset is None:
             raise ConfigError("model: set model.preset or model.checkpoint")
         try:
-            return model_preset(self.model.preset, **self.model.overrides).family
+            return model_preset(self.model.preset, **applied)
         except TypeError as e:
             raise ConfigError(f"model.overrides: {e}") from None
         except ValueError as e:
             raise ConfigError(f"model.preset: {e}") from None
-
-    def _max_seq_len(self) -> int | None:
-        """The model's longest sequence when it is known without loading weights (``model.overrides`` apply)."""
-        if "max_seq_len" in self.model.overrides:
-            return int(self.model.overrides["max_seq_len"])
-        if self.model.checkpoint:
-            return model_max_seq_len(self.model.checkpoint)
-        return model_preset(self.model.preset, **self.model.overrides).max_seq_len
 
     def _check_task(self) -> None:
         """The task exists, takes ``task.kwargs`` and offers the evaluation protocol they ask for (the

@@ -1,4 +1,5 @@
-"""Run metrics: a JSONL file (one object per step), TensorBoard event files, and the console bar.
+"""Run metrics: a JSONL file (one object per step), TensorBoard event files, optionally Weights & Biases, and
+the console bar.
 
 Only process 0 writes. On resume the JSONL is truncated to the restored step so that steps replayed
 after a crash are not recorded twice. A last line cut short by a crash in the middle of a write is dropped
@@ -10,7 +11,8 @@ object, so for a remote directory the logger keeps the file's lines and rewrites
 every record (a few hundred kB for a long run, small next to one RL step of a real model); locally it
 appends. TensorBoard event files of a remote run are written to a local temporary directory (the log
 line at start names it) and copied to ``<run>/tensorboard/`` every ``tb_sync_seconds`` and when the
-logger closes; see docs/training.md.
+logger closes; see docs/training.md. Weights & Biases (``logging.wandb``, the optional ``wandb`` package) gets
+every record under its step; its local files go to ``<run>/wandb`` (a temporary directory for a remote run).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -33,6 +36,26 @@ def log(msg: str) -> None:
     """One console line from process 0, printed above any progress bar."""
     if jax.process_index() == 0:
         tqdm.write(msg, file=sys.stdout)
+
+
+def wandb_settings(cfg, output_dir: str | os.PathLike, run_id: str) -> dict[str, Any]:
+    """Keyword arguments of ``wandb.init`` for a run config's ``logging`` section: the project, entity and name
+    (default: the run directory's name), the whole run config, and ``run_id``, which a resumed run reuses so
+    that it continues the same W&B run."""
+    from gdsd_jax.config_io import to_dict
+
+    lg = cfg.logging
+    local = None if is_remote(output_dir) else os.fspath(storage_path(output_dir))
+    return {"project": lg.wandb_project, "entity": lg.wandb_entity, "id": run_id, "resume": "allow",
+            "name": lg.wandb_name or storage_path(output_dir).name, "config": to_dict(cfg),
+            "dir": local or tempfile.mkdtemp(prefix="gdsd-wandb-")}
+
+
+def new_wandb_id() -> str:
+    """A fresh W&B run id (stored in the run's checkpoints so that a resume continues the same W&B run)."""
+    import uuid
+
+    return uuid.uuid4().hex[:16]
 
 
 def _clean(v: Any) -> Any:
@@ -53,10 +76,13 @@ class MetricsLogger:
       resume_step: keep only the records up to this step of an existing file (None: start a new file).
       tb_sync_seconds: remote runs only: copy the local event files to the run directory at most this often
         (and always on :meth:`close`).
+      wandb: keyword arguments of ``wandb.init`` (:func:`wandb_settings`) to also log to Weights & Biases;
+        None: no W&B.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = True, filename: str = "metrics.jsonl",
-                 resume_step: int | None = None, tb_sync_seconds: float = 600.0):
+                 resume_step: int | None = None, tb_sync_seconds: float = 600.0,
+                 wandb: Mapping[str, Any] | None = None):
         self.enabled = jax.process_index() == 0
         self.remote = is_remote(output_dir)
         self.dir = storage_path(output_dir)
@@ -66,6 +92,7 @@ class MetricsLogger:
         self._tb_sync_seconds = tb_sync_seconds
         self._tb_synced = time.monotonic()
         self._lines: list[str] = []
+        self._wandb = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +116,11 @@ class MetricsLogger:
                 self._tb = SummaryWriter(self._tb_local)
             else:
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if wandb is not None:
+            import wandb as wandb_lib  # lazy and optional: only with logging.wandb (validate checks it is installed)
+
+            os.makedirs(wandb["dir"], exist_ok=True)
+            self._wandb = wandb_lib.init(**wandb)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -107,6 +139,9 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
             if self._tb_local is not None and time.monotonic() - self._tb_synced >= self._tb_sync_seconds:
                 self._sync_tensorboard()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                            step=int(step))
 
     def _sync_tensorboard(self) -> None:
         """Copy the local event files of a remote run to ``<run>/tensorboard/`` (whole files: they are small)."""
@@ -123,6 +158,9 @@ class MetricsLogger:
         self._tb_synced = time.monotonic()
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.flush()
             if self._tb_local is not None:

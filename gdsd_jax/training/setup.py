@@ -24,8 +24,9 @@ def build_mesh(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, mesh) -> tuple[DenoiserConfig, dict]:
-    """Model config and parameters: from ``model.checkpoint`` (HF dir or ours) or a random preset."""
-    overrides = dict(cfg.model.overrides)
+    """Model config and parameters: from ``model.checkpoint`` (HF dir or ours) or a random preset; a
+    checkpoint takes only the execution fields of ``model.overrides`` (``ModelSection.split_overrides``)."""
+    overrides, _ = cfg.model.split_overrides()
     if cfg.model.checkpoint:
         model = load_denoiser(cfg.model.checkpoint, mesh=mesh)
         model_cfg = model.config.replace(**overrides) if overrides else model.config

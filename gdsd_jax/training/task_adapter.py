@@ -137,9 +137,32 @@ class ChatAdapter:
         return Scores(total, per_fn, failures, texts)
 
 
+def check_compact_vocabulary(task_cls: type[Task], model_cfg) -> None:
+    """A model decodes a task's compact format only with exactly its vocabulary and special ids: a larger
+    vocabulary samples ids the format has no meaning for (reward 0 throughout, silently). ``ValueError``
+    naming both otherwise (a task without a compact format is left to :class:`CompactAdapter`)."""
+    if not getattr(task_cls, "supports_compact", False):
+        return
+    tok = task_cls.compact_tokenizer()
+    want = (tok.vocab_size, tok.mask_id, tok.eos_id)
+    have = (model_cfg.vocab_size, model_cfg.mask_token_id, model_cfg.eos_token_id)
+    if have != want:
+        raise ValueError(f"the model's vocabulary ({have[0]} ids, mask {have[1]}, eos {have[2]}) does not fit the "
+                         f"compact format of task {task_cls.name!r} ({want[0]} ids, mask {want[1]}, eos {want[2]})")
+
+
+def check_tokenizer_vocabulary(tokenizer, model_cfg) -> None:
+    """Every id of the tokenizer must have a row in the model's embedding and head (``ValueError`` otherwise)."""
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
+                         f"{model_cfg.vocab_size}: this tokenizer does not belong to this model")
+
+
 def make_adapter(task: Task, fmt: str, prompt_length: int, model_cfg, tokenizer=None, **kw):
     if fmt == "compact":
+        check_compact_vocabulary(type(task), model_cfg)
         return CompactAdapter(task, prompt_length, model_cfg.pad_token_id, model_cfg.eos_token_id)
     if tokenizer is None:
         raise ValueError("task.format=chat needs a tokenizer: set model.tokenizer (a local tokenizer directory)")
+    check_tokenizer_vocabulary(tokenizer, model_cfg)
     return ChatAdapter(task, tokenizer, prompt_length, **kw)
