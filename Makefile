@@ -10,8 +10,12 @@ PY312 ?= $(call find_python,3$(comma)12,python3.12 $$HOME/.pyenv/versions/3.12*/
 VENV ?= .venv
 VENV312 ?= .venv312
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core; each holds 8 fake CPU devices. Whole test files stay on one
+# worker (--dist loadfile), so module-scoped fixtures (trained tiny runs, compiled samplers) are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: setup setup312 tcmalloc run lint test test312 smoke results bench clean
+.PHONY: setup setup312 tcmalloc run lint test test-fast test312 smoke results bench clean
 
 # tcmalloc as the host allocator (gdsd_jax/allocator.py: XLA:CPU reuses its buffers instead of faulting in
 # fresh pages every step; the CPU update step runs ~25% faster). Installed with apt when make runs as root on
@@ -52,11 +56,15 @@ lint: setup
 
 ## The test suite (Python 3.11, pinned JAX, PyTorch parity tests included), after the linter.
 test: setup lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+## The inner loop: the suite without whole runs, multi-process, packaging and PyTorch-parity tests.
+test-fast: setup
+	$(VENV)/bin/python -m pytest $(XDIST) -m "not slow and not torch" $(PYTEST_ARGS)
 
 ## The same suite under Python 3.12 with the newest JAX/Flax (torch tests skip there).
 test312: setup312
-	$(VENV312)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV312)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 smoke: setup
 	$(VENV)/bin/gdsd-jax smoke

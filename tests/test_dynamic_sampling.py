@@ -60,6 +60,7 @@ def test_fewer_rollout_prompts_than_trained_prompts_is_a_config_error(tmp_path):
         tiny_cfg(tmp_path, "rl.rollout_prompts_per_step=2")
 
 
+@pytest.mark.slow
 def test_the_trainer_updates_on_the_chosen_groups_only(tmp_path):
     """8 prompts rolled out, 4 trained: the update sees the rollouts of the 4 groups of largest spread (the
     choice recomputed here from the scored rewards), and the metrics count flat groups before and after."""

@@ -287,6 +287,7 @@ def test_execute_skips_finished_runs_and_records_failures(tmp_path):
 
 # ---- end to end through the command --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_micro_experiment_end_to_end(tmp_path, capsys):
     from gdsd_jax.cli import main
 

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
+
 torch = pytest.importorskip("torch", reason="PyTorch parity references need torch (not installed on this Python)")
 transformers = pytest.importorskip("transformers")
 from helpers_hf import dream_config, llada_config  # noqa: E402

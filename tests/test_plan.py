@@ -89,6 +89,7 @@ def test_lora_bytes_match_closed_form(tmp_path):
     assert 0 <= row["optimizer"] - 2 * row["adapters"] <= 64
 
 
+@pytest.mark.slow
 def test_rollout_kv_cache_is_counted(tmp_path):
     """sampling.cache=dual: k and v [N, B, L, KV, Dh] fp32, the 8 rollout rows split over fsdp = 8."""
     small = [*SMALL, "rl.rollout_prompts_per_step=2", "lora.rank=8"]    # 8 rollout rows, one per device

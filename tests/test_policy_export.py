@@ -20,6 +20,9 @@ import pytest
 from checkpoint_damage import overwrite_data
 from test_rl_trainer import tiny_cfg
 
+# The module trains tiny runs once (module fixture) and reads them in every test: whole runs.
+pytestmark = pytest.mark.slow
+
 from gdsd_jax.cli import main as cli
 from gdsd_jax.loading import load_denoiser
 

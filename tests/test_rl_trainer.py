@@ -178,6 +178,7 @@ def test_recipe_builds_train_step_shapes(name):
 
 # ---- SFT warm start cache -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_warm_start_is_cached_by_its_settings(tmp_path, capsys):
     """The first call trains and writes the cache; the same settings reuse it (identical weights, no SFT);
     a different SFT setting gets its own entry; progress=False prints no SFT progress bar."""
@@ -261,6 +262,7 @@ def _trainer(tmp_path, *extra):
     return cfg, RLTrainer(cfg, model_cfg, params, mesh, adapter, task), task
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_exact(tmp_path):
     """One update over 16 rows equals the same update accumulated over 2 or 4 micro-batches (same masks)."""
     from gdsd_jax.objectives.advantages import compute_advantages
@@ -402,6 +404,7 @@ def test_param_dtype_sets_the_trained_weights_and_moments_stay_fp32(tmp_path, we
                                                                       jax.tree.leaves(before)))
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     from gdsd_jax.checkpoint.train_state import RunCheckpointer
     from gdsd_jax.rl import run as run_mod
@@ -510,6 +513,7 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path):
     assert _metrics(straight / "metrics.jsonl") == _metrics(killed / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_without_the_initial_evaluation_no_step_0_record_even_after_a_resume(tmp_path, capsys):
     """``eval.initial=false`` (experiments measure their shared warm start once): the run evaluates only at
     the end, on the split it names, and a resumed run does not add the step-0 evaluation either."""
@@ -525,6 +529,7 @@ def test_without_the_initial_evaluation_no_step_0_record_even_after_a_resume(tmp
     assert [r["step"] for r in evals] == [2]
     assert "no step-0 evaluation" in capsys.readouterr().out
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_names_the_field(tmp_path):
     from gdsd_jax.rl.run import run_train
 

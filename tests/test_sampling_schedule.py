@@ -60,6 +60,7 @@ def test_dream_schedule_matches_stepwise_numpy(gen_length):
                                       _upstream_k(ts, gen_length, steps), err_msg=f"steps={steps}")
 
 
+@pytest.mark.torch
 def test_dream_schedule_matches_torch_linspace():
     """Upstream computes the timesteps with ``torch.linspace`` (float32): the integer schedules agree."""
     torch = pytest.importorskip("torch", reason="compares with PyTorch's float32 linspace")

@@ -322,6 +322,7 @@ def test_data_and_nonfinite_errors_through_the_cli_are_one_line(tmp_path, capsys
     _one_line(err, "5 non-finite updates in a row at step 3")
 
 
+@pytest.mark.slow
 def test_run_directory_lifecycle_errors_are_one_line(tmp_path, capsys, monkeypatch):
     """One run directory through every start-up case: --resume with no checkpoint yet (said, then a fresh
     start), disk full at step 2 (one line naming the cause), the directory again without --resume, --resume
