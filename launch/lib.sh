@@ -23,7 +23,7 @@ GDSD_SETTINGS=(
   PROJECT_ID ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION CAPACITY CREATE_EXTRA_ARGS
   USE_QUEUED_RESOURCE QUEUED_RESOURCE_ID QR_VALID_UNTIL_DURATION QR_POLL_SECONDS QR_WAIT_TIMEOUT
   CODE_MODE LOCAL_DIR REPO_URL REPO_REF REMOTE_DIR PYTHON_VERSION CONSTRAINTS_FILE
-  CHECKPOINT_BUCKET RUN_NAME CONFIG TRAIN_EXTRA_ARGS COMPILATION_CACHE_DIR
+  CHECKPOINT_BUCKET RUN_NAME CONFIG NUM_SLICES TRAIN_EXTRA_ARGS COMPILATION_CACHE_DIR
   TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES PASS_ENV
   REMOTE_LOG_DIR LOCAL_WORK_DIR NUM_WORKERS SSH_EXTRA_ARGS KILL_PATTERN
 )
@@ -180,6 +180,7 @@ gdsd_load_env() {
   PYTHON_VERSION=${PYTHON_VERSION:-3.12}
   CONSTRAINTS_FILE=${CONSTRAINTS_FILE-requirements/constraints-py${PYTHON_VERSION//./}.txt}
   CONFIG=${CONFIG:-configs/llada_8b_gsm8k.yaml}
+  NUM_SLICES=${NUM_SLICES:-1}
   TRAIN_EXTRA_ARGS=${TRAIN_EXTRA_ARGS:-}
   # `-` (not `:-`): an empty value in the env file switches the compilation cache off.
   if [[ -z ${COMPILATION_CACHE_DIR+x} && -n ${CHECKPOINT_BUCKET:-} ]]; then
@@ -200,6 +201,7 @@ gdsd_load_env() {
   gdsd_check_enum USE_QUEUED_RESOURCE 0 1
   gdsd_check_enum CODE_MODE copy clone
   gdsd_check_regex PYTHON_VERSION '^3\.[0-9]+$' "a Python minor version such as 3.12"
+  gdsd_check_regex NUM_SLICES '^[1-9][0-9]*$' "a positive number of TPU slices"
   gdsd_check_regex QR_POLL_SECONDS '^[1-9][0-9]*$' "a positive number of seconds"
   gdsd_check_regex QR_WAIT_TIMEOUT '^[0-9]+$' "a number of seconds (0 = wait forever)"
   # REMOTE_DIR is emptied (except .venv) before a fresh copy: keep it a plain relative path in $HOME.

@@ -9,14 +9,15 @@ usage() {
 Usage: launch/run.sh [--foreground] [--worker N|all] [--env FILE] [--dry-run] [-- COMMAND [ARG...]]
 
 Runs COMMAND in ~/REMOTE_DIR on the workers (default: all) with the environment's .venv first on PATH and
-  CHECKPOINT_BUCKET, RUN_NAME, JAX_COMPILATION_CACHE_DIR (from COMPILATION_CACHE_DIR; empty = off),
+  CHECKPOINT_BUCKET, RUN_NAME, JAX_COMPILATION_CACHE_DIR (from COMPILATION_CACHE_DIR; empty = off: GDSD_JAX_COMPILATION_CACHE=off),
   TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS, TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES,
   and every variable named in PASS_ENV that is set (e.g. LIBTPU_INIT_ARGS)
 exported. Each worker appends COMMAND's output to ~/REMOTE_LOG_DIR/RUN_NAME/worker-<index>.log.
 Every word of COMMAND reaches the workers unchanged; for pipes or `&&`, run `-- bash -c '...'`.
 
 Default COMMAND (the trainer calls jax.distributed.initialize() itself on a TPU VM):
-  gdsd-jax train --config CONFIG --output-dir gs://CHECKPOINT_BUCKET/RUN_NAME --resume TRAIN_EXTRA_ARGS...
+  gdsd-jax train --config CONFIG --output-dir gs://CHECKPOINT_BUCKET/RUN_NAME --resume
+    [distributed.num_slices=NUM_SLICES when above 1] TRAIN_EXTRA_ARGS...
 
 Options:
   --foreground  stay attached: stream the output (lines prefixed "[worker W]") and also append it to
@@ -54,6 +55,9 @@ gdsd_summary
 
 if ((${#cmd[@]} == 0)); then
   cmd=(gdsd-jax train --config "$CONFIG" --output-dir "gs://$CHECKPOINT_BUCKET/$RUN_NAME" --resume)
+  if ((NUM_SLICES > 1)); then  # multislice: the data axis crosses the slices (gdsd_jax/distributed/mesh.py)
+    cmd+=("distributed.num_slices=$NUM_SLICES")
+  fi
   if [[ -n $TRAIN_EXTRA_ARGS ]]; then
     read -r -a extra <<<"$TRAIN_EXTRA_ARGS"
     cmd+=("${extra[@]}")
@@ -67,6 +71,8 @@ cmdline=$(gdsd_join_quoted "${cmd[@]}")
 exports=(CHECKPOINT_BUCKET="$CHECKPOINT_BUCKET" RUN_NAME="$RUN_NAME" PYTHONUNBUFFERED=1)
 if [[ -n $COMPILATION_CACHE_DIR ]]; then
   exports+=(JAX_COMPILATION_CACHE_DIR="$COMPILATION_CACHE_DIR")
+else  # gdsd-jax would otherwise cache under the worker's ~/.cache
+  exports+=(GDSD_JAX_COMPILATION_CACHE=off)
 fi
 for name in TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES; do
   if [[ -n ${!name} ]]; then

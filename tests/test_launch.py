@@ -586,6 +586,18 @@ def test_run_settings_switch_off_optional_env(launch: Launch) -> None:
     command = _command_of(launch.calls()[0])
     for name in ("JAX_COMPILATION_CACHE_DIR", "TENSORSTORE_", "LIBTPU_INIT_ARGS"):
         assert name not in command
+    assert "GDSD_JAX_COMPILATION_CACHE=off" in command     # gdsd-jax's own default cache is off too
+    assert "distributed.num_slices" not in command         # one slice: the recipe's mesh as it is
+
+
+def test_run_passes_the_slice_count(launch: Launch) -> None:
+    launch.write_env(NUM_SLICES="2")
+    _ok(launch.run("run.sh"))
+    assert "distributed.num_slices=2" in _command_of(launch.calls()[0])
+    launch.write_env(NUM_SLICES="0")
+    res = launch.run("run.sh")
+    assert res.returncode != 0 and "NUM_SLICES" in res.stderr and "positive number of TPU slices" in res.stderr
+    assert launch.calls() == []                                  # the bad value stopped before any call
 
 
 def test_run_foreground_command_on_one_worker(launch: Launch, workers: list[Path]) -> None:
