@@ -94,3 +94,9 @@ def host_allgather(local: np.ndarray) -> np.ndarray:
         return np.asarray(local)
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (no-op in a single process, where there is
+    nothing to wait for)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

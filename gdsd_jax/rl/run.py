@@ -100,6 +100,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         raise FileExistsError(f"{out} already holds an earlier run ({', '.join(earlier)}); pass --resume to "
                               f"continue it, --overwrite to delete it and start afresh, or choose another "
                               f"--output-dir")
+    # Every process has looked at the directory before process 0 writes to it: a slower process must not
+    # mistake the files of this run's process 0 for an earlier run.
+    multihost.barrier("gdsd-jax: run directory checked")
     if jax.process_index() == 0:
         for name in earlier:
             if (out / name).is_dir():
