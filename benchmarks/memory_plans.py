@@ -35,27 +35,34 @@ DEFAULT_CONFIGS = ("llada_8b_sudoku", "dream_7b_countdown")
 DEFAULT_DEVICES = (8, 16, 32, 64)
 
 
-def run_entry(config: str, devices: int, target: str, modes: list[str], remats: list[str], mesh: str,
-              extra: list[str]) -> tuple[dict, float]:
-    """One ``gdsd-jax plan`` child process; returns its JSON and its wall time in seconds."""
+def run_plan(config: str, plan_args: list[str]) -> tuple[dict, float, str]:
+    """One ``gdsd-jax plan --config configs/CONFIG.yaml --json F PLAN_ARGS`` child process; returns its JSON,
+    its wall time in seconds and its standard output (``benchmarks/step_time.py`` runs its plans through it)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
         cmd = [sys.executable, "-m", "gdsd_jax.cli", "plan", "--config", str(ROOT / "configs" / f"{config}.yaml"),
-               "--devices", str(devices), "--target", target, "--mesh", mesh, "--json", str(out), "--no-progress"]
-        cmd += [f"--{m}" for m in modes]
-        for r in remats:
-            cmd += ["--remat", r]
-        cmd += extra
+               "--json", str(out), *plan_args]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x))
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         secs = time.perf_counter() - t0
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        for line in proc.stdout.splitlines():
-            if line.startswith("  compiled"):
-                print(line, flush=True)
-        return json.loads(out.read_text()), secs
+        return json.loads(out.read_text()), secs, proc.stdout
+
+
+def run_entry(config: str, devices: int, target: str, modes: list[str], remats: list[str], mesh: str,
+              extra: list[str]) -> tuple[dict, float]:
+    """One ``gdsd-jax plan`` child process; returns its JSON and its wall time in seconds."""
+    args = ["--devices", str(devices), "--target", target, "--mesh", mesh, "--no-progress"]
+    args += [f"--{m}" for m in modes]
+    for r in remats:
+        args += ["--remat", r]
+    plan, secs, stdout = run_plan(config, args + list(extra))
+    for line in stdout.splitlines():
+        if line.startswith("  compiled"):
+            print(line, flush=True)
+    return plan, secs
 
 
 def key(config: str, devices: int, target: str, mode: str, remat: str) -> str:

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,17 +40,10 @@ DEFAULT_DEVICES = (8, 16, 32)
 
 def run_entry(config: str, devices: int, target: str, mode: str, extra: list[str]) -> tuple[dict, float]:
     """One ``gdsd-jax plan --cost`` child process; returns its JSON and its wall time in seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "cost.json"
-        cmd = [sys.executable, "-m", "gdsd_jax.cli", "plan", "--config", str(ROOT / "configs" / f"{config}.yaml"),
-               "--devices", str(devices), "--target", target, "--cost", f"--{mode}", "--json", str(out), *extra]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x))
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        secs = time.perf_counter() - t0
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text()), secs
+    from memory_plans import run_plan
+
+    res, secs, _ = run_plan(config, ["--devices", str(devices), "--target", target, "--cost", f"--{mode}", *extra])
+    return res, secs
 
 
 def key(config: str, devices: int, target: str, mode: str, extra: list[str]) -> str:
