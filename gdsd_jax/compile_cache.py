@@ -98,20 +98,18 @@ def enable_compilation_cache(environ: MutableMapping[str, str] | None = None) ->
     """
     environ = os.environ if environ is None else environ
     directory = cache_directory(environ)
+    if directory is not None and "://" not in directory:
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"gdsd-jax: note: compilation cache off: cannot create {directory} ({e.strerror}); "
+                  f"set {CACHE_ENV}=DIR to a writable directory", file=sys.stderr)
+            directory = None
     settings: dict[str, object] = {}
     if directory is None:
         environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
         settings["jax_enable_compilation_cache"] = False
     else:
-        if "://" not in directory:
-            try:
-                Path(directory).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                print(f"gdsd-jax: note: compilation cache off: cannot create {directory} ({e.strerror}); "
-                      f"set {CACHE_ENV}=DIR to a writable directory", file=sys.stderr)
-                environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-                _update_jax({"jax_enable_compilation_cache": False}, environ is os.environ)
-                return None
         environ[JAX_DIR_ENV] = directory
         settings["jax_compilation_cache_dir"] = directory
         for env_name, (option, value) in _JAX_SETTINGS.items():
